@@ -15,7 +15,7 @@ class UsageError(NnwheelError):
     exit_code = 2
 
 
-class NameError_(NnwheelError):
+class InvalidNameError(NnwheelError):
     """A package name or version pip cannot use, or one that would shadow another module."""
 
     exit_code = 2
