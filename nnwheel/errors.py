@@ -47,3 +47,7 @@ class ModelNotFoundError(NnwheelError):
 
 class IntegrityError(NnwheelError):
     """Installed weights do not match the hashes in the model's manifest."""
+
+
+class BuildError(NnwheelError):
+    """The project cannot be built into a wheel exactly as hatchling would build it."""
