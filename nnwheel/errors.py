@@ -51,3 +51,47 @@ class IntegrityError(NnwheelError):
 
 class BuildError(NnwheelError):
     """The project cannot be built into a wheel exactly as hatchling would build it."""
+
+
+class LocalIndexError(NnwheelError):
+    """The local devpi-server cannot be initialised, started or stopped."""
+
+
+class IndexNotRunningError(NnwheelError):
+    """A command needs the local index, and it is not running."""
+
+
+class NotAModelWheelError(NnwheelError):
+    """A file given to publish is not a wheel made by nnwheel."""
+
+    exit_code = 2
+
+
+class UnknownRepositoryError(NnwheelError):
+    """--index names a repository that ~/.pypirc does not define."""
+
+    exit_code = 2
+
+
+class IndexUnreachableError(NnwheelError):
+    """The package index refused the connection or did not answer in time."""
+
+
+class AlreadyReleasedError(NnwheelError):
+    """The index already has this file name with different content; released files never change."""
+
+
+class UploadRejectedError(NnwheelError):
+    """The package index answered the upload with an error."""
+
+
+class AuthenticationError(UploadRejectedError):
+    """The index did not accept the user name and password (HTTP 401)."""
+
+
+class UploadPermissionError(UploadRejectedError):
+    """The user may not upload to this index (HTTP 403)."""
+
+
+class UploadTooLargeError(UploadRejectedError):
+    """The index refuses files this large (HTTP 413)."""
