@@ -1,0 +1,162 @@
+"""The model's architecture source (--arch FILE.py:CLASS): what it imports, copying it, importing it, building it."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ArchitectureError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+# Imported by every state_dict model package anyway, so never a requirement of their own.
+_ALWAYS_REQUIRED = {"torch", "numpy", "safetensors"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    file: Path
+    class_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    includes: tuple[Path, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return self.file.stem
+
+
+def parse_arch(text: str, kwargs_json: str | None, includes: Sequence[Path]) -> ArchSpec:
+    import json
+
+    file_text, sep, class_name = text.rpartition(":")
+    if not sep or not file_text.endswith(".py") or not class_name.isidentifier():
+        raise UsageError(f"--arch {text!r}: write it as FILE.py:CLASS, e.g. model.py:MLP")
+    file = Path(file_text)
+    if not file.is_file():
+        raise ArchitectureError(f"--arch: {file} does not exist; give the .py file that defines {class_name}")
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--arch-kwargs is not valid JSON ({error}); e.g. '{{\"hidden\": 128}}'") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError("--arch-kwargs must be a JSON object of keyword arguments, e.g. '{\"hidden\": 128}'")
+    for path in includes:
+        if not path.exists():
+            raise UsageError(f"--include {path} does not exist")
+    return ArchSpec(file=file, class_name=class_name, kwargs=kwargs, includes=tuple(includes))
+
+
+def imported_modules(source: Path) -> set[str]:
+    """Top-level names of the modules a Python file (or every file of a package) imports absolutely."""
+    files = sorted(source.rglob("*.py")) if source.is_dir() else [source]
+    names: set[str] = set()
+    for file in files:
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def check_local_imports(spec: ArchSpec) -> None:
+    """Refuse an architecture that imports a module beside it that --include did not add to the package."""
+    included = {path.stem if path.is_file() else path.name for path in spec.includes}
+    sources = [spec.file, *spec.includes]
+    missing = set()
+    for source in sources:
+        for name in imported_modules(source):
+            beside = source.parent if source.is_file() else source.parent
+            local = (beside / f"{name}.py").is_file() or (beside / name / "__init__.py").is_file()
+            if local and name not in included and name != spec.module:
+                missing.add((name, beside))
+    if missing:
+        listed = ", ".join(sorted(f"{name} ({beside / name}.py)" for name, beside in missing))
+        flags = " ".join(f"--include {beside / name}.py" for name, beside in sorted(missing))
+        raise ArchitectureError(
+            f"{spec.file} imports local modules that would not be in the package: {listed}. Add them: {flags}"
+        )
+
+
+def third_party_requirements(spec: ArchSpec) -> list[str]:
+    """Installed distributions the architecture imports, with a lower bound at their major.minor version."""
+    local = {spec.module} | {p.stem if p.is_file() else p.name for p in spec.includes}
+    distributions = importlib.metadata.packages_distributions()
+    requirements = set()
+    for source in [spec.file, *spec.includes]:
+        for name in imported_modules(source):
+            if name in local or name in sys.stdlib_module_names or name in _ALWAYS_REQUIRED:
+                continue
+            for dist in distributions.get(name, []):
+                version = importlib.metadata.version(dist)
+                requirements.add(f"{dist}>={'.'.join(version.split('.')[:2])}")
+    return sorted(requirements)
+
+
+def copy_sources(spec: ArchSpec, destination: Path) -> None:
+    """Copy the architecture file and its --include files into `destination` (the package's _arch/)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    (destination / "__init__.py").write_text('"""The model architecture\'s source, as given to nnwheel wrap --arch."""\n')
+    shutil.copyfile(spec.file, destination / spec.file.name)
+    for path in spec.includes:
+        if path.is_dir():
+            shutil.copytree(path, destination / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copyfile(path, destination / path.name)
+
+
+@contextmanager
+def _on_sys_path(directory: Path) -> Iterator[None]:
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
+
+
+def import_class(arch_dir: Path, spec: ArchSpec) -> type:
+    """Import the class from the copied sources, exactly as the generated package will."""
+    module_name = f"_nnwheel_arch_{spec.module}"
+    module_spec = importlib.util.spec_from_file_location(module_name, arch_dir / spec.file.name)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        with _on_sys_path(arch_dir):
+            module_spec.loader.exec_module(module)
+    except ImportError as error:
+        raise ArchitectureError(
+            f"importing {spec.file} failed: {error}. If it needs other local files, add them with --include"
+        ) from None
+    except Exception as error:
+        raise ArchitectureError(f"importing {spec.file} raised {type(error).__name__}: {error}") from None
+    cls = getattr(module, spec.class_name, None)
+    if not isinstance(cls, type):
+        raise ArchitectureError(f"{spec.file} has no class {spec.class_name!r}; check the name after the colon")
+    return cls
+
+
+def build_on_meta(cls: type, spec: ArchSpec) -> torch.nn.Module:
+    """Construct the model without allocating its weights."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = cls(**spec.kwargs)
+    except Exception as error:
+        raise ArchitectureError(
+            f"{spec.class_name}(**{spec.kwargs}) raised {type(error).__name__}: {error}. "
+            "Check --arch-kwargs against the class's constructor"
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise ArchitectureError(f"{spec.class_name} is not a torch.nn.Module")
+    return model

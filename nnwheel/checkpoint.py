@@ -1,0 +1,211 @@
+"""Read a checkpoint file safely: detect its format from its content and describe it. Nothing here writes."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+_CHUNK = 1 << 20
+
+# Keys under which training scripts commonly nest the model's state_dict.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+# Prefixes wrappers add to every key: DataParallel/DDP ("module.") and torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+SAVE_ADVICE = (
+    "Save the weights with torch.save(model.state_dict(), 'model.pth') and pass "
+    "--arch FILE.py:CLASS, or export the model with torch.export.save(torch.export.export(model, example), "
+    "'model.pt2')."
+)
+
+
+class Format(str, enum.Enum):
+    STATE_DICT = "state_dict"  # torch.save(model.state_dict()): a pickle, read with weights_only=True
+    SAFETENSORS = "safetensors"
+    TORCH_EXPORT = "torch_export"  # torch.export.save: an ExportedProgram archive (.pt2)
+    TORCHSCRIPT = "torchscript"  # torch.jit.save
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    format: Format
+    sha256: str
+    size: int
+
+    @property
+    def needs_arch(self) -> bool:
+        """Weights-only formats need the model's class; programs carry their own code."""
+        return self.format in (Format.STATE_DICT, Format.SAFETENSORS)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: check the path of the checkpoint")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file: pass the checkpoint file itself")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty: the checkpoint was not saved completely; save it again")
+    return Checkpoint(path=path, format=detect_format(path), sha256=sha256_of(path), size=size)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> Format:
+    """Decide from the first bytes and, for zip archives, the member names; the suffix does not count."""
+    with path.open("rb") as file:
+        head = file.read(16)
+    if zipfile.is_zipfile(path):
+        return _detect_zip_format(path)
+    if _looks_like_safetensors(path, head):
+        return Format.SAFETENSORS
+    if head[:1] == b"\x80":  # pickle protocol 2+: torch.save's legacy (non-zip) format
+        return Format.STATE_DICT
+    raise CheckpointError(
+        f"{path} is not a checkpoint nnwheel can read (not a torch.save pickle, safetensors, "
+        "torch.export .pt2 or TorchScript archive); it may be corrupt or of another framework"
+    )
+
+
+def _detect_zip_format(path: Path) -> Format:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{path} is a corrupt zip archive ({error}); save the checkpoint again") from None
+    members = {name.split("/", 1)[-1] for name in names}
+    if "archive_format" in members:
+        return Format.TORCH_EXPORT
+    if "constants.pkl" in members and any(m.startswith("code/") for m in members):
+        return Format.TORCHSCRIPT
+    if "data.pkl" in members:
+        return Format.STATE_DICT
+    raise CheckpointError(
+        f"{path} is a zip archive but not one written by torch.save, torch.export.save or torch.jit.save"
+    )
+
+
+def _looks_like_safetensors(path: Path, head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    (header_size,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 8 + header_size <= path.stat().st_size
+
+
+def load_state_dict(
+    checkpoint: Checkpoint, *, key: str | None = None, strip_prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors, memory-mapped where the file allows, without running any pickled code."""
+    if checkpoint.format is Format.SAFETENSORS:
+        loaded: Any = _load_safetensors(checkpoint.path)
+    else:
+        loaded = _load_pickle(checkpoint.path)
+    state_dict = _find_state_dict(loaded, checkpoint.path, key)
+    return _strip_prefix(state_dict, strip_prefix)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is a corrupt or truncated safetensors file ({error})") from None
+
+
+def _load_pickle(path: Path) -> Any:
+    import torch
+
+    try:
+        # weights_only=True: torch's allowlist unpickler; a payload that needs any other global is refused
+        # before it can run. mmap=True keeps the tensors on disk (zip format only).
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        raise _refusal(path, str(error)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and cannot be read ({_first_line(error)}); save it again"
+        ) from None
+
+
+def _refusal(path: Path, message: str) -> CheckpointError:
+    if "torch.nn.modules" in message or "Module" in message:
+        return CheckpointError(f"{path} holds a pickled nn.Module, which can run code when loaded. {SAVE_ADVICE}")
+    unsafe = message.split("Unsupported global: GLOBAL ", 1)[-1].split(" ", 1)[0] if "GLOBAL" in message else ""
+    needs = f" (it needs {unsafe})" if unsafe else ""
+    return CheckpointError(
+        f"{path} is a pickle that needs code outside torch's safe weights-only allowlist{needs}; "
+        f"nnwheel never runs it. {SAVE_ADVICE}"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _find_state_dict(loaded: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:
+    import torch
+
+    if key is not None:
+        if not isinstance(loaded, dict) or key not in loaded:
+            found = ", ".join(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
+            raise UsageError(f"--state-dict-key {key!r} is not in {path} (it holds: {found})")
+        loaded = loaded[key]
+    elif isinstance(loaded, dict) and not _is_tensor_dict(loaded):
+        nested = [k for k in STATE_DICT_KEYS if _is_tensor_dict(loaded.get(k))]
+        if nested:
+            loaded = loaded[nested[0]]
+    if isinstance(loaded, torch.Tensor) or not _is_tensor_dict(loaded):
+        keys = ", ".join(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
+        raise CheckpointError(
+            f"{path} does not hold a state_dict (a dict of tensors); it holds: {keys}. "
+            "If the state_dict is nested, name its key with --state-dict-key"
+        )
+    return dict(loaded)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    import torch
+
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
+    if prefix is None:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), "")
+    if not prefix:
+        return state_dict
+    if not all(k.startswith(prefix) for k in state_dict):
+        raise UsageError(f"--strip-prefix {prefix!r}: not every key starts with it (e.g. {next(iter(state_dict))!r})")
+    return {k[len(prefix) :]: v for k, v in state_dict.items()}
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read without touching the tensor data."""
+    with path.open("rb") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        return json.loads(file.read(size))

@@ -1,0 +1,78 @@
+"""The Manifest: everything the generated package knows about its model, stored as nnwheel.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .schema import TensorSpec
+
+MANIFEST_NAME = "nnwheel.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    path: str  # inside the package
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # the checkpoint's file name, not its path: the wheel must not depend on where it was built
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Arch:
+    module: str  # the module under the package's _arch/
+    class_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)  # alias -> name stored in the weights file
+    non_persistent_buffers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    import_name: str
+    version: str
+    format: str
+    runtime: str
+    weights: tuple[WeightsFile, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    output_structure: str
+    source: Source
+    nnwheel_version: str
+    torch_version: str | None = None
+    arch: Arch | None = None
+
+    def to_json(self) -> str:
+        data = {"manifest_version": MANIFEST_VERSION, **asdict(self)}
+        data["inputs"] = [spec.to_json() for spec in self.inputs]
+        data["outputs"] = [spec.to_json() for spec in self.outputs]
+        if self.arch is not None:
+            data["arch"]["class"] = data["arch"].pop("class_name")
+            data["arch"]["non_persistent_buffers"] = list(self.arch.non_persistent_buffers)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data.pop("manifest_version", None)
+        arch = data.pop("arch")
+        if arch is not None:
+            arch["class_name"] = arch.pop("class")
+            arch["non_persistent_buffers"] = tuple(arch["non_persistent_buffers"])
+        return cls(
+            **{k: v for k, v in data.items() if k not in ("weights", "inputs", "outputs", "source")},
+            weights=tuple(WeightsFile(**w) for w in data["weights"]),
+            inputs=tuple(TensorSpec.from_json(s) for s in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in data["outputs"]),
+            source=Source(**data["source"]),
+            arch=Arch(**arch) if arch is not None else None,
+        )

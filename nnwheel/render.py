@@ -1,0 +1,104 @@
+"""Manifest + template/ -> a hatchling project directory. The weights and _arch/ are put in place by wrap."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from .manifest import MANIFEST_NAME, Manifest
+
+# In the source tree template/ sits beside nnwheel/; in an installed nnwheel it is packaged as nnwheel/template.
+_HERE = Path(__file__).resolve().parent
+TEMPLATE_DIR = next(p for p in (_HERE / "template", _HERE.parent / "template") if p.is_dir())
+
+# Files of template/package/ every model package gets, and the runtime module chosen by the manifest.
+_PACKAGE_FILES = ("__init__.py", "__main__.py", "_schema.py")
+
+
+@dataclass(frozen=True)
+class ProjectMetadata:
+    summary: str
+    requirements: tuple[str, ...]
+    model_card: str | None = None  # the user's Markdown; the generated card is appended
+    license: str | None = None  # SPDX expression
+    author: str | None = None
+
+
+def write_package_code(package: Path, runtime: str) -> None:
+    """Copy the template's code into the project's import package, with the runtime module it needs."""
+    package.mkdir(parents=True, exist_ok=True)
+    source = TEMPLATE_DIR / "package"
+    for name in _PACKAGE_FILES:
+        shutil.copyfile(source / name, package / name)
+    shutil.copyfile(source / f"_runtime_{runtime}.py", package / "_runtime.py")
+
+
+def write_manifest(package: Path, manifest: Manifest) -> None:
+    (package / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+
+
+def write_project_files(project_dir: Path, manifest: Manifest, metadata: ProjectMetadata) -> None:
+    """pyproject.toml and README.md (the model card, which becomes the wheel's description)."""
+    pyproject = Template((TEMPLATE_DIR / "pyproject.toml").read_text(encoding="utf-8")).substitute(
+        name=json.dumps(manifest.name),
+        version=json.dumps(manifest.version),
+        summary=json.dumps(metadata.summary),
+        dependencies=json.dumps(list(metadata.requirements)),
+        optional_metadata=_optional_metadata(metadata),
+        import_name=manifest.import_name,
+    )
+    (project_dir / "pyproject.toml").write_text(pyproject, encoding="utf-8")
+    (project_dir / "README.md").write_text(model_card(manifest, metadata), encoding="utf-8")
+
+
+def _optional_metadata(metadata: ProjectMetadata) -> str:
+    lines = []
+    if metadata.license:
+        lines.append(f"license = {json.dumps(metadata.license)}")
+    if metadata.author:
+        lines.append(f"authors = [{{ name = {json.dumps(metadata.author)} }}]")
+    return "".join(line + "\n" for line in lines)
+
+
+def model_card(manifest: Manifest, metadata: ProjectMetadata) -> str:
+    generated = Template((TEMPLATE_DIR / "README.md").read_text(encoding="utf-8")).substitute(
+        name=manifest.name,
+        import_name=manifest.import_name,
+        summary=metadata.summary,
+        schema_table=_schema_table(manifest),
+        format=manifest.format,
+        runtime=manifest.runtime,
+        weights_summary=", ".join(f"`{w.path}` ({_human_size(w.size)})" for w in manifest.weights),
+        source_name=manifest.source.name,
+        source_sha256=manifest.source.sha256,
+        nnwheel_version=manifest.nnwheel_version,
+        device_variable=f"{manifest.import_name.upper()}_DEVICE",
+    )
+    if metadata.model_card is None:
+        return generated
+    # The user's card first; the generated usage and schema follow as an appendix.
+    appendix = generated.split("\n", 1)[1].replace("\n## ", "\n### ")
+    return f"{metadata.model_card.rstrip()}\n\n## Packaged by nnwheel\n{appendix}"
+
+
+def _schema_table(manifest: Manifest) -> str:
+    rows = ["| | name | dtype | shape |", "|---|---|---|---|"]
+    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for spec in specs:
+            shape = "(" + ", ".join("any" if d == -1 else str(d) for d in spec.shape) + ")"
+            rows.append(f"| {kind} | `{spec.name}` | {spec.dtype} | {shape} |")
+    structure = {"tensor": "one array", "tuple": "a tuple", "dict": "a dict keyed by output name"}
+    return "\n".join(rows) + f"\n\npredict() returns {structure[manifest.output_structure]}."
+
+
+def _human_size(size: float) -> str:
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        size /= 1000
+        if size < 1000:
+            break
+    return f"{size:.1f} {unit}"

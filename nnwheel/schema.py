@@ -1,0 +1,134 @@
+"""Input and output schemas: names, dtypes and shapes (-1 = any size), and the example inputs that fit them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import SchemaError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class OutputSchema:
+    structure: str  # "tensor", "tuple" or "dict" (the dict's keys are the specs' names)
+    specs: tuple[TensorSpec, ...]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.replace(" ", "").strip("()[]").split(",") if part)
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: write the dimensions as integers, e.g. -1,784") from None
+    if not dims or any(d < -1 or d == 0 for d in dims):
+        raise UsageError(f"--input-shape {text!r}: dimensions are positive integers or -1 (any size), e.g. -1,784")
+    return dims
+
+
+def parse_dtype(text: str) -> str:
+    if text not in DTYPES:
+        raise UsageError(f"--input-dtype {text!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return text
+
+
+def input_names(count: int) -> list[str]:
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+
+
+def specs_from_shapes(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) -> list[TensorSpec]:
+    if len(dtypes) == 1 and len(shapes) > 1:
+        dtypes = list(dtypes) * len(shapes)
+    if len(dtypes) != len(shapes):
+        raise UsageError(f"{len(shapes)} --input-shape but {len(dtypes)} --input-dtype: give one dtype, or one each")
+    return [TensorSpec(n, d, s) for n, d, s in zip(input_names(len(shapes)), dtypes, shapes)]
+
+
+def load_example(path: Path) -> list[torch.Tensor]:
+    """Example inputs from a .npy array or a .pt file holding a tensor or a tuple of tensors."""
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"--example {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            return [torch.from_numpy(np.load(path, allow_pickle=False))]
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # numpy and torch raise many kinds for a bad file
+        raise UsageError(f"--example {path} cannot be read safely ({error}); use .npy or a .pt of tensors") from None
+    tensors = list(loaded) if isinstance(loaded, (tuple, list)) else [loaded]
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise UsageError(f"--example {path} must hold a tensor or a tuple of tensors")
+    return tensors
+
+
+def specs_from_example(tensors: Sequence[torch.Tensor], batched: bool = True) -> list[TensorSpec]:
+    """The example's shapes, with the first (batch) dimension left free."""
+    specs = []
+    for name, tensor in zip(input_names(len(tensors)), tensors):
+        shape = tuple(tensor.shape)
+        if batched and shape:
+            shape = (-1, *shape[1:])
+        specs.append(TensorSpec(name, dtype_name(tensor.dtype), shape))
+    return specs
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def example_for(specs: Sequence[TensorSpec], device: str = "cpu") -> list[torch.Tensor]:
+    """Zero inputs of the declared shapes (free dimensions as 2) to learn the outputs from."""
+    import torch
+
+    return [
+        torch.zeros(tuple(2 if d == -1 else d for d in spec.shape), dtype=getattr(torch, spec.dtype), device=device)
+        for spec in specs
+    ]
+
+
+def output_schema(result: Any, batched: bool) -> OutputSchema:
+    """Describe what the model returned for the example: a tensor, a tuple of tensors or a dict of tensors."""
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        return OutputSchema("tensor", (_output_spec("output", result, batched),))
+    if isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in result):
+        return OutputSchema("tuple", tuple(_output_spec(f"output_{i}", t, batched) for i, t in enumerate(result)))
+    if isinstance(result, Mapping) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in result.items()):
+        return OutputSchema("dict", tuple(_output_spec(k, t, batched) for k, t in result.items()))
+    raise SchemaError(
+        f"the model returned {type(result).__name__}; nnwheel supports a tensor, a tuple of tensors "
+        "or a dict of tensors as output"
+    )
+
+
+def _output_spec(name: str, tensor: torch.Tensor, batched: bool) -> TensorSpec:
+    shape = tuple(tensor.shape)
+    if batched and shape:
+        shape = (-1, *shape[1:])
+    return TensorSpec(name, dtype_name(tensor.dtype), shape)
+
+
+def is_batched(specs: Sequence[TensorSpec]) -> bool:
+    return bool(specs) and all(spec.shape and spec.shape[0] == -1 for spec in specs)

@@ -1,0 +1,92 @@
+"""A trained model packaged by nnwheel: `predict()`, `load()`, `info()` and `verify()`.
+
+Importing this package is cheap: the framework (torch, ...) is imported and the weights are loaded on the
+first call to predict() or load(), once per device, even when many threads call at the same time.
+load() checks the size of each weights file (a truncated install fails at once); verify() re-hashes them
+against the manifest, which costs a full read of the weights, so it is not done on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from importlib.resources import files
+from typing import Any
+
+from . import _schema
+
+_MANIFEST = json.loads(files(__name__).joinpath("nnwheel.json").read_text(encoding="utf-8"))
+# Environment variable naming the default device, e.g. MNIST_MLP_DEVICE=cuda (default: cpu).
+DEVICE_VARIABLE = f"{__name__.upper()}_DEVICE"
+
+__version__ = _MANIFEST["version"]
+
+_models: dict[str, Any] = {}
+_load_lock = threading.Lock()
+
+
+class IntegrityError(RuntimeError):
+    """The installed weights are not the ones this package was built with."""
+
+
+def info() -> dict[str, Any]:
+    """The manifest: format, weights with their sha256, input and output schema, versions, source."""
+    return json.loads(json.dumps(_MANIFEST))  # a deep copy the caller may change
+
+
+def load(device: str | None = None) -> Any:
+    """The model, ready for inference on `device` (default: $DEVICE_VARIABLE or cpu). Loaded once."""
+    device = device or os.environ.get(DEVICE_VARIABLE) or "cpu"
+    model = _models.get(device)
+    if model is None:
+        with _load_lock:
+            model = _models.get(device)
+            if model is None:
+                _check_sizes()
+                from . import _runtime
+
+                model = _models[device] = _runtime.load(_MANIFEST, files(__name__), device)
+    return model
+
+
+def predict(*inputs: Any, device: str | None = None) -> Any:
+    """Run the model on `inputs` (numpy arrays, nested lists, scalars, or torch tensors).
+
+    Returns numpy arrays (torch tensors for tensor inputs), in the model's structure: one output, a tuple
+    or a dict. A single sample without the batch dimension is accepted when the model is batched; the
+    outputs then come without it too. Raises ValueError when an input's rank, shape or dtype does not fit.
+    """
+    prepared = _schema.prepare(inputs, _MANIFEST["inputs"])
+    model = load(device)
+    from . import _runtime
+
+    outputs = _runtime.run(model, prepared.values)
+    return _schema.finish(outputs, prepared, _runtime.to_numpy)
+
+
+def verify() -> None:
+    """Re-hash every installed weights file against the manifest; raise IntegrityError on any difference."""
+    for entry in _MANIFEST["weights"]:
+        digest = hashlib.sha256()
+        with files(__name__).joinpath(entry["path"]).open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise IntegrityError(
+                f"{entry['path']} has sha256 {digest.hexdigest()}, expected {entry['sha256']}: "
+                f"the installed weights were changed; reinstall with pip install --force-reinstall {_MANIFEST['name']}"
+            )
+
+
+def _check_sizes() -> None:
+    for entry in _MANIFEST["weights"]:
+        resource = files(__name__).joinpath(entry["path"])
+        with resource.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+        if size != entry["size"]:
+            raise IntegrityError(
+                f"{entry['path']} is {size} bytes, expected {entry['size']}: the install is incomplete; "
+                f"reinstall with pip install --force-reinstall {_MANIFEST['name']}"
+            )

@@ -1,0 +1,73 @@
+"""Load and run the model with PyTorch. Imported on the first predict() or load(), never at package import."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from importlib.resources import as_file
+from importlib.resources.abc import Traversable
+from typing import Any
+
+import torch
+
+
+def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
+    weights = package_files.joinpath(manifest["weights"][0]["path"])
+    with as_file(weights) as path:  # an installed wheel's files are real files: no copy is made
+        if manifest["format"] == "torch_export":
+            program = torch.export.load(path)
+            if device != "cpu":
+                program = torch.export.passes.move_to_device_pass(program, device)
+            return program.module()  # exported programs keep the mode they were exported in
+        if manifest["format"] == "torchscript":
+            return torch.jit.load(path, map_location=device).eval()
+        return _build_from_state_dict(manifest, package_files, path, device)
+
+
+def _build_from_state_dict(manifest: dict[str, Any], package_files: Traversable, path: Any, device: str) -> Any:
+    """Build the model on the meta device (no memory) and take the memory-mapped weights as they are."""
+    from safetensors.torch import load_file
+
+    arch = manifest["arch"]
+    model_class = _import_class(package_files, arch)
+    with torch.device("meta"):
+        model = model_class(**arch["kwargs"])
+    tensors = load_file(path, device=device)
+    extra_buffers = {name: tensors.pop(name) for name in arch["non_persistent_buffers"]}
+    for alias, stored_as in arch["tied"].items():
+        tensors[alias] = tensors[stored_as]  # tied weights share one tensor, as in the original model
+    model.load_state_dict(tensors, assign=True)
+    for name, tensor in extra_buffers.items():
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attribute, tensor, persistent=False)
+    return model.eval()
+
+
+def _import_class(package_files: Traversable, arch: dict[str, Any]) -> type:
+    # The architecture's own absolute imports of its sibling files (from --include) resolve from _arch/.
+    with as_file(package_files.joinpath("_arch")) as arch_dir:
+        sys.path.insert(0, str(arch_dir))
+        try:
+            module = importlib.import_module(f"{__package__}._arch.{arch['module']}")
+        finally:
+            sys.path.remove(str(arch_dir))
+    return getattr(module, arch["class"])
+
+
+def run(model: Any, values: list[Any]) -> Any:
+    device = _device_of(model)
+    tensors = [torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for v in values]
+    with torch.inference_mode():
+        return model(*(t.to(device) for t in tensors))
+
+
+def _device_of(model: Any) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_numpy(output: Any) -> Any:
+    return output.detach().cpu().numpy()
