@@ -1,0 +1,188 @@
+"""Project directory -> .whl: the wheel hatchling would build, written in one streaming pass, weights stored.
+
+hatchling decides *what* goes into the wheel: which files, the file name and tag, METADATA, WHEEL,
+entry_points.txt, license files and their order. We call its own builder for all of that, so the
+answer cannot drift from `python -m build --wheel`. This module only changes *how* package files are
+written: each is read once in large chunks, hashed for RECORD while it is copied into the zip, and
+weights are stored instead of deflated (see DEFLATED_SUFFIXES). The wheel appears in out_dir only
+once it is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hatchling.builders.plugin.interface import IncludedFile
+from hatchling.builders.utils import (
+    format_file_hash,
+    normalize_archive_path,
+    normalize_artifact_permissions,
+    normalize_file_permissions,
+    set_zip_info_mode,
+)
+from hatchling.builders.wheel import RecordFile, WheelArchive, WheelBuilder
+
+from .errors import BuildError, OutputError
+from .progress import Progress
+
+# Deflated as hatchling does: code, the manifest and other text, which shrink several-fold.
+# Every other file in the package is stored: weights are high-entropy numbers that deflate shrinks by
+# a few percent at ~25x the write time, and that pip would then have to inflate again on install.
+DEFLATED_SUFFIXES = frozenset({".py", ".pyi", ".json", ".txt", ".md", ".typed"})
+
+# Large enough that per-call overhead vanishes next to hashing and copying, small enough to stay
+# out of the process's memory footprint.
+_CHUNK_BYTES = 1 << 20
+
+# hatchling options whose effect only its own build loop reproduces (hooks add files and metadata,
+# the others add files outside the package); we refuse them rather than build a different wheel.
+_UNSUPPORTED_OPTIONS = ("hooks", "shared-data", "shared-scripts", "extra-metadata", "sbom-files")
+
+
+def build_wheel(project_dir: Path, out_dir: Path) -> Path:
+    """Build the project's py3-none-any wheel into out_dir and return its path."""
+    builder = _hatchling_builder(project_dir)
+    build_data = _build_data(builder)
+    with builder.config.set_build_data(build_data):
+        files = list(builder.recurse_included_files())
+    target = out_dir / f"{builder.artifact_project_id}-{build_data['tag']}.whl"
+    total_bytes = sum(os.path.getsize(included.path) for included in files)
+    with _atomic_output(target) as partial:
+        with (
+            StreamingWheelArchive(partial, builder.artifact_project_id) as archive,
+            RecordFile() as records,
+            Progress(total_bytes, f"writing {target.name}") as progress,
+        ):
+            for included in files:
+                records.write(archive.add_file(included, progress))
+            # hatchling's own code writes METADATA, WHEEL, entry_points.txt and licenses/, in its order.
+            builder.write_metadata(archive, records, build_data)
+            records.write((f"{archive.metadata_directory}/RECORD", "", ""))
+            archive.write_metadata("RECORD", records.construct())
+    return target
+
+
+def _hatchling_builder(project_dir: Path) -> WheelBuilder:
+    pyproject = project_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise BuildError(f"{project_dir} has no pyproject.toml; pass the directory of a generated project.")
+    # hatchling's backend uses os.getcwd(), which is absolute with symlinks resolved.
+    builder = WheelBuilder(str(project_dir.resolve()))
+    try:
+        builder.metadata.validate_fields()
+        unsupported = _unsupported_options(builder)
+    except (ValueError, TypeError) as error:
+        raise BuildError(f"{pyproject} is not a valid hatchling project: {error}") from error
+    if unsupported:
+        raise BuildError(
+            f"{pyproject} uses hatchling options nnwheel's wheel writer does not support "
+            f"({', '.join(unsupported)}); build this project with `python -m build --wheel` instead."
+        )
+    return builder
+
+
+def _unsupported_options(builder: WheelBuilder) -> list[str]:
+    configs = (builder.build_config, builder.target_config)
+    used = [name for name in _UNSUPPORTED_OPTIONS if any(config.get(name) for config in configs)]
+    if not builder.config.reproducible:
+        used.append("reproducible = false")
+    return used
+
+
+def _build_data(builder: WheelBuilder) -> dict[str, Any]:
+    """The build data hatchling's build loop passes to its wheel builder when no hook changes it."""
+    build_data = builder.get_default_build_data()
+    builder.set_build_data_defaults(build_data)
+    build_data["tag"] = builder.get_default_tag()
+    return build_data
+
+
+@contextmanager
+def _atomic_output(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside target; on success it becomes target, on any error it is removed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as error:
+        raise OutputError(
+            f"cannot write the wheel into {target.parent}: {error.strerror}. "
+            "Choose a directory you can write to, or fix its permissions."
+        ) from error
+    os.close(fd)
+    partial = Path(name)
+    try:
+        yield partial
+        normalize_artifact_permissions(name)
+        os.replace(partial, target)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(
+                f"no space left to write {target}: free some space or choose another output directory."
+            ) from error
+        raise
+
+
+class StreamingWheelArchive:
+    """A wheel zip with hatchling's entry layout; stands in for hatchling's WheelArchive."""
+
+    def __init__(self, path: Path, project_id: str) -> None:
+        self.metadata_directory = f"{project_id}.dist-info"
+        # SOURCE_DATE_EPOCH (default 2020-02-02), clamped to 1980 as zip requires: hatchling's rule.
+        self.time_tuple = WheelArchive.get_reproducible_time_tuple()
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
+        self._hasher = ThreadPoolExecutor(max_workers=1)
+        self._buffer = bytearray(_CHUNK_BYTES)
+        self._view = memoryview(self._buffer)
+
+    def add_file(self, included: IncludedFile, progress: Progress) -> tuple[str, str, str]:
+        """Copy one package file into the wheel, hashing it on the way; return its RECORD row."""
+        archive_path = normalize_archive_path(included.distribution_path)
+        file_stat = os.stat(included.path)
+        zip_info = zipfile.ZipInfo(archive_path, self.time_tuple)
+        set_zip_info_mode(zip_info, normalize_file_permissions(file_stat.st_mode))
+        # Known up front so that zipfile reserves Zip64 fields in the local header of files over 4 GiB.
+        zip_info.file_size = file_stat.st_size
+        zip_info.compress_type = _compression_for(archive_path)
+
+        digest = hashlib.sha256()
+        with open(included.path, "rb") as source, self._zip.open(zip_info, "w") as entry:
+            while n := source.readinto(self._buffer):
+                chunk = self._view[:n]
+                # sha256 on a second core while zipfile computes the CRC and writes the same chunk;
+                # both release the GIL, so the file costs about the slower of the two, not their sum.
+                hashed = self._hasher.submit(digest.update, chunk)
+                entry.write(chunk)
+                hashed.result()
+                progress.advance(n)
+        return archive_path, f"sha256={format_file_hash(digest.digest())}", str(file_stat.st_size)
+
+    def write_metadata(self, relative_path: str, contents: str | bytes) -> tuple[str, str, str]:
+        """Write one small .dist-info file (hatchling calls this for METADATA, WHEEL, ...)."""
+        archive_path = f"{self.metadata_directory}/{normalize_archive_path(relative_path)}"
+        data = contents.encode("utf-8") if isinstance(contents, str) else contents
+        zip_info = zipfile.ZipInfo(archive_path, self.time_tuple)
+        set_zip_info_mode(zip_info)
+        self._zip.writestr(zip_info, data, compress_type=zipfile.ZIP_DEFLATED)
+        return archive_path, f"sha256={format_file_hash(hashlib.sha256(data).digest())}", str(len(data))
+
+    def __enter__(self) -> StreamingWheelArchive:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._hasher.shutdown()
+        self._zip.close()
+
+
+def _compression_for(archive_path: str) -> int:
+    suffix = os.path.splitext(archive_path)[1]
+    return zipfile.ZIP_DEFLATED if suffix in DEFLATED_SUFFIXES else zipfile.ZIP_STORED
