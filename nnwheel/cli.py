@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import NnwheelError
@@ -47,5 +49,138 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result or 0
 
 
-# Each entry adds one sub-command to the parser; sub-command modules own their options.
-COMMANDS: list = []
+def _add_wrap(commands: argparse._SubParsersAction) -> None:
+    wrap = commands.add_parser(
+        "wrap",
+        help="turn a checkpoint into an installable model wheel",
+        description="Turn a PyTorch checkpoint into a wheel that `pip install` installs and "
+        "`from NAME import predict` runs. Prints the wheel's path as the last line.",
+        epilog="example: nnwheel wrap model.pth --name mnist-mlp --arch model.py:MLP --input-shape -1,784",
+    )
+    # Shapes such as -1,784 start with "-": let argparse read them as values, not as options.
+    wrap._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$")
+    wrap.add_argument("checkpoint", type=Path, help="state_dict (.pth/.pt), safetensors, torch.export .pt2 or TorchScript")
+    wrap.add_argument("--name", required=True, help="distribution name, e.g. mnist-mlp (imported as mnist_mlp)")
+    wrap.add_argument("--version", default="0.1.0", help="PEP 440 version (default: %(default)s)")
+    wrap.add_argument("--out", type=Path, default=Path("dist"), help="directory for the wheel (default: %(default)s)")
+    model = wrap.add_argument_group("architecture (state_dict and safetensors checkpoints)")
+    model.add_argument("--arch", metavar="FILE.py:CLASS", help="the nn.Module class the weights belong to")
+    model.add_argument("--arch-kwargs", metavar="JSON", help="constructor keyword arguments, e.g. '{\"hidden\": 128}'")
+    model.add_argument("--include", type=Path, action="append", default=[], metavar="PATH",
+                       help="another local module or package the architecture imports (repeatable)")
+    model.add_argument("--state-dict-key", metavar="KEY",
+                       help="key of the state_dict inside a training checkpoint (default: detect state_dict, model, ...)")
+    model.add_argument("--strip-prefix", metavar="PREFIX",
+                       help="prefix to remove from every key (default: detect module. and _orig_mod.)")
+    schema = wrap.add_argument_group("input schema (torch.export programs carry their own)")
+    schema.add_argument("--example", type=Path, metavar="FILE", help="example input: .npy, or .pt with a tensor or tuple")
+    schema.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
+                        help="input shape, -1 for any size, e.g. -1,784; repeat once per input")
+    schema.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE",
+                        help="input dtype (default: float32); repeat once per input or give one for all")
+    meta = wrap.add_argument_group("package metadata")
+    meta.add_argument("--requires", action="append", default=[], metavar="REQ", help="extra pip requirement (repeatable)")
+    meta.add_argument("--readme", type=Path, metavar="FILE", help="model card (Markdown) for the package description")
+    meta.add_argument("--summary", help="one-line summary")
+    meta.add_argument("--license", metavar="SPDX", help="license expression, e.g. MIT or Apache-2.0")
+    meta.add_argument("--author", help="author name")
+    meta.add_argument("--source-dir", type=Path, metavar="DIR",
+                      help="also write the generated hatchling project here (python -m build rebuilds the wheel)")
+    wrap.set_defaults(run=_run_wrap)
+
+
+def _run_wrap(args: argparse.Namespace) -> None:
+    from .arch import parse_arch
+    from .errors import UsageError
+    from .schema import parse_dtype, parse_shape, specs_from_shapes
+    from .wrap import WrapRequest, wrap
+
+    if args.input_dtype and not args.input_shape:
+        raise UsageError("--input-dtype needs --input-shape")
+    if args.arch is None and (args.arch_kwargs or args.include):
+        raise UsageError("--arch-kwargs and --include need --arch FILE.py:CLASS")
+    shapes = [parse_shape(text) for text in args.input_shape]
+    dtypes = [parse_dtype(text) for text in args.input_dtype] or ["float32"]
+    request = WrapRequest(
+        checkpoint=args.checkpoint,
+        name=args.name,
+        version=args.version,
+        out_dir=args.out,
+        arch=parse_arch(args.arch, args.arch_kwargs, args.include) if args.arch else None,
+        example=args.example,
+        input_specs=tuple(specs_from_shapes(shapes, dtypes)) if shapes else (),
+        requires=tuple(args.requires),
+        readme=args.readme,
+        summary=args.summary,
+        license=args.license,
+        author=args.author,
+        state_dict_key=args.state_dict_key,
+        strip_prefix=args.strip_prefix,
+        source_dir=args.source_dir,
+    )
+    print(wrap(request))
+
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    inspect = commands.add_parser(
+        "inspect", help="show a model's manifest, schema, sizes and requirements",
+        description="Show what a model wheel or an installed model package holds.",
+    )
+    inspect.add_argument("model", metavar="WHEEL_OR_NAME", help="a .whl file or the name of an installed model")
+    inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from .models import describe
+
+    model = describe(args.model)
+    if args.json:
+        print(model.manifest.to_json(), end="")
+        return
+    manifest = model.manifest
+    print(f"{manifest.name} {manifest.version}  ({model.location})")
+    print(f"  format:       {manifest.format} (runtime: {manifest.runtime}, torch at wrap time: {manifest.torch_version})")
+    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for spec in specs:
+            shape = ", ".join("any" if d == -1 else str(d) for d in spec.shape)
+            print(f"  {kind + ':':<13} {spec.name} {spec.dtype} ({shape})")
+    for weights in manifest.weights:
+        print(f"  weights:      {weights.path} {weights.size:,} bytes sha256 {weights.sha256}")
+    print(f"  source:       {manifest.source.name} sha256 {manifest.source.sha256}")
+    print(f"  requires:     {', '.join(model.requirements) or 'nothing'}")
+    print(f"  import:       from {manifest.import_name} import predict")
+
+
+def _add_list(commands: argparse._SubParsersAction) -> None:
+    listing = commands.add_parser("list", help="list the model packages installed in this environment")
+    listing.set_defaults(run=_run_list)
+
+
+def _run_list(args: argparse.Namespace) -> None:
+    import importlib.metadata
+
+    from .models import installed_models
+
+    models = installed_models()
+    if not models:
+        print("no model packages installed (pip install one, or nnwheel wrap a checkpoint)", file=sys.stderr)
+    for name, package in sorted(models.items()):
+        print(f"{name}  {importlib.metadata.version(name)}  (import {package})")
+
+
+def _add_verify(commands: argparse._SubParsersAction) -> None:
+    verify = commands.add_parser("verify", help="re-hash an installed model's weights against its manifest")
+    verify.add_argument("name", help="the installed model's name")
+    verify.set_defaults(run=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> None:
+    from .models import verify_installed
+
+    manifest = verify_installed(args.name)
+    print(f"{manifest.name} {manifest.version}: {len(manifest.weights)} weights file(s) match the manifest")
+
+
+# Each entry adds one sub-command to the parser; they appear in --help in this order.
+COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify]

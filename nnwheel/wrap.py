@@ -1,0 +1,279 @@
+"""nnwheel wrap: checkpoint -> manifest -> rendered project -> trial run -> wheel.
+
+Everything is assembled in a temporary directory; the only file written in the output directory is the
+finished wheel (and, with --source-dir, the project), so a failure leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .arch import ArchSpec, build_on_meta, check_local_imports, copy_sources, import_class, third_party_requirements
+from .checkpoint import Checkpoint, Format, load_state_dict, read_checkpoint
+from .errors import OutputError, SchemaError, UsageError
+from .manifest import Arch, Manifest, Source, WeightsFile
+from .names import parse_package_name, parse_version
+from .render import ProjectMetadata, write_manifest, write_package_code, write_project_files
+from .schema import TensorSpec, dtype_name, example_for, is_batched, load_example, output_schema, specs_from_example
+from .weights import fit_to_model, write_safetensors
+
+# Lowest torch each format needs: assign=True in load_state_dict came with 2.1. Exported programs and
+# TorchScript archives load in the torch that wrote them or newer, so their bound is the wrap-time minor.
+_STATE_DICT_TORCH = "2.1"
+
+
+@dataclass(frozen=True)
+class WrapRequest:
+    checkpoint: Path
+    name: str
+    version: str = "0.1.0"
+    out_dir: Path = Path("dist")
+    arch: ArchSpec | None = None
+    example: Path | None = None
+    input_specs: tuple[TensorSpec, ...] = ()  # from --input-shape / --input-dtype
+    requires: tuple[str, ...] = ()
+    readme: Path | None = None
+    summary: str | None = None
+    license: str | None = None
+    author: str | None = None
+    state_dict_key: str | None = None
+    strip_prefix: str | None = None
+    source_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """What a format handler put into the package."""
+
+    weights: tuple[WeightsFile, ...]
+    inputs: tuple[TensorSpec, ...]
+    requirements: tuple[str, ...]
+    arch: Arch | None = None
+
+
+def wrap(request: WrapRequest) -> Path:
+    names = parse_package_name(request.name)
+    version = parse_version(request.version)
+    requires = _check_requirements(request.requires)
+    license = _check_license(request.license)
+    _check_writable(request.out_dir)
+    model_card = _read_model_card(request.readme)
+    checkpoint = read_checkpoint(request.checkpoint)
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp:
+        project = Path(tmp) / "project"
+        package = project / names.import_name
+        write_package_code(package, runtime="torch")
+        example = load_example(request.example) if request.example else None
+        packed = _pack(checkpoint, request, package, example)
+        manifest = Manifest(
+            name=names.distribution,
+            import_name=names.import_name,
+            version=version,
+            format=checkpoint.format.value,
+            runtime="torch",
+            weights=packed.weights,
+            inputs=packed.inputs,
+            outputs=(),
+            output_structure="tensor",
+            source=Source(checkpoint.path.name, checkpoint.sha256, checkpoint.size),
+            nnwheel_version=__version__,
+            torch_version=torch.__version__.split("+")[0],
+            arch=packed.arch,
+        )
+        write_manifest(package, manifest)
+        outputs = _trial_run(package, example or example_for(manifest.inputs))
+        schema = output_schema(outputs, is_batched(manifest.inputs))
+        manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
+        write_manifest(package, manifest)
+        metadata = ProjectMetadata(
+            summary=request.summary or f"{names.distribution}: a {checkpoint.format.value} model packaged by nnwheel",
+            requirements=(*packed.requirements, *requires),
+            model_card=model_card,
+            license=license,
+            author=request.author,
+        )
+        write_project_files(project, manifest, metadata)
+        if request.source_dir is not None:
+            _copy_project(project, request.source_dir)
+        from .wheel import build_wheel
+
+        return build_wheel(project, request.out_dir)
+
+
+def _pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> _Packed:
+    torch_minor = ".".join(_torch_version().split(".")[:2])
+    if checkpoint.needs_arch:
+        return _pack_state_dict(checkpoint, request, package, example)
+    if request.arch is not None:
+        raise UsageError(f"{checkpoint.path} is a {checkpoint.format.value} program with its own code; drop --arch")
+    weights_name = "model.pt2" if checkpoint.format is Format.TORCH_EXPORT else "model.torchscript.pt"
+    weights = _copy_weights(checkpoint.path, package / weights_name)
+    if checkpoint.format is Format.TORCH_EXPORT:
+        inputs = _export_input_specs(checkpoint.path)
+    else:
+        inputs = _declared_inputs(request, example, checkpoint)
+    return _Packed(weights=(weights,), inputs=inputs, requirements=(f"torch>={torch_minor}", "numpy>=1.22"))
+
+
+def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> _Packed:
+    if request.arch is None:
+        raise UsageError(
+            f"{checkpoint.path} holds only weights ({checkpoint.format.value}); say which class they belong to "
+            "with --arch FILE.py:CLASS (and --arch-kwargs JSON if its constructor needs arguments)"
+        )
+    spec = request.arch
+    check_local_imports(spec)
+    copy_sources(spec, package / "_arch")
+    model_class = import_class(package / "_arch", spec)
+    model = build_on_meta(model_class, spec)
+    state_dict = load_state_dict(checkpoint, key=request.state_dict_key, strip_prefix=request.strip_prefix)
+    fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model_class(**spec.kwargs))
+    path = package / "model.safetensors"
+    sha256 = write_safetensors(fitted.tensors, path)
+    arch = Arch(
+        module=spec.module,
+        class_name=spec.class_name,
+        kwargs=spec.kwargs,
+        tied=fitted.tied,
+        non_persistent_buffers=fitted.non_persistent_buffers,
+    )
+    return _Packed(
+        weights=(WeightsFile(path.name, sha256, path.stat().st_size),),
+        inputs=_declared_inputs(request, example, checkpoint),
+        requirements=(
+            f"torch>={_STATE_DICT_TORCH}",
+            "safetensors>=0.4.3",
+            "numpy>=1.22",
+            *third_party_requirements(spec),
+        ),
+        arch=arch,
+    )
+
+
+def _declared_inputs(request: WrapRequest, example: list | None, checkpoint: Checkpoint) -> tuple[TensorSpec, ...]:
+    if example is not None and request.input_specs:
+        raise UsageError("give --example or --input-shape, not both")
+    if example is not None:
+        return tuple(specs_from_example(example))
+    if request.input_specs:
+        return request.input_specs
+    raise UsageError(
+        f"the input schema of {checkpoint.path.name} cannot be read from a {checkpoint.format.value} file: "
+        "give --input-shape (e.g. -1,784) with --input-dtype, or --example FILE (.npy or .pt)"
+    )
+
+
+def _export_input_specs(path: Path) -> tuple[TensorSpec, ...]:
+    """The exported program's own input schema: a symbolic (dynamic) dimension becomes -1."""
+    import torch
+
+    program = torch.export.load(path)
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            value = node.meta["val"]
+            if not isinstance(value, torch.Tensor):
+                raise SchemaError(f"input {node.name!r} of {path.name} is not a tensor; nnwheel supports tensor inputs")
+            shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
+            specs.append(TensorSpec(node.name, dtype_name(value.dtype), shape))
+    return tuple(specs)
+
+
+def _copy_weights(source: Path, destination: Path) -> WeightsFile:
+    from .checkpoint import sha256_of
+
+    shutil.copyfile(source, destination)
+    return WeightsFile(destination.name, sha256_of(destination), destination.stat().st_size)
+
+
+def _trial_run(package: Path, example: list) -> Any:
+    """Import the rendered package under a private name and predict once: the output schema, and proof it runs."""
+    name = f"_nnwheel_trial_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, package / "__init__.py", submodule_search_locations=[str(package)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    write_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ may end up in the package
+    try:
+        spec.loader.exec_module(module)
+        return module.predict(*example)
+    except ValueError as error:
+        raise SchemaError(f"the example does not fit the declared inputs: {error}") from None
+    except Exception as error:
+        raise SchemaError(
+            f"the model failed on the example input ({type(error).__name__}: {error}); "
+            "check --input-shape/--input-dtype or give a real --example"
+        ) from None
+    finally:
+        sys.dont_write_bytecode = write_bytecode
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+def _check_requirements(requires: Sequence[str]) -> tuple[str, ...]:
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for text in requires:
+        try:
+            Requirement(text)
+        except InvalidRequirement as error:
+            raise UsageError(f"--requires {text!r} is not a valid requirement ({error}); e.g. 'pillow>=10'") from None
+    return tuple(requires)
+
+
+def _check_license(license: str | None) -> str | None:
+    if license is None:
+        return None
+    from packaging.licenses import InvalidLicenseExpression, canonicalize_license_expression
+
+    try:
+        return str(canonicalize_license_expression(license))
+    except InvalidLicenseExpression as error:
+        raise UsageError(f"--license {license!r}: {error}; use an SPDX expression such as MIT or Apache-2.0") from None
+
+
+def _read_model_card(readme: Path | None) -> str | None:
+    if readme is None:
+        return None
+    try:
+        return readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--readme {readme} cannot be read ({error})") from None
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the output directory {out_dir} ({error.strerror}); choose another --out") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to the output directory {out_dir}; choose another --out")
+
+
+def _copy_project(project: Path, source_dir: Path) -> None:
+    if source_dir.exists() and any(source_dir.iterdir()):
+        raise OutputError(f"--source-dir {source_dir} is not empty; give a new or empty directory")
+    try:
+        shutil.copytree(project, source_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    except OSError as error:
+        raise OutputError(f"cannot write the project to {source_dir} ({error}); choose another --source-dir") from None
