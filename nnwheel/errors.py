@@ -95,3 +95,11 @@ class UploadPermissionError(UploadRejectedError):
 
 class UploadTooLargeError(UploadRejectedError):
     """The index refuses files this large (HTTP 413)."""
+
+
+class ServeError(NnwheelError):
+    """The model cannot be served: it does not import or load, or the address cannot be listened on."""
+
+
+class DeployError(NnwheelError):
+    """The deployment files cannot be made: the model's version cannot be found on the index."""
