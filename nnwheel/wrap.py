@@ -128,6 +128,8 @@ def _pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: 
 
 
 def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> _Packed:
+    # Reading first: a pickle that is not a plain state_dict is refused before anything else is said.
+    state_dict = load_state_dict(checkpoint, key=request.state_dict_key, strip_prefix=request.strip_prefix)
     if request.arch is None:
         raise UsageError(
             f"{checkpoint.path} holds only weights ({checkpoint.format.value}); say which class they belong to "
@@ -138,7 +140,6 @@ def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path
     copy_sources(spec, package / "_arch")
     model_class = import_class(package / "_arch", spec)
     model = build_on_meta(model_class, spec)
-    state_dict = load_state_dict(checkpoint, key=request.state_dict_key, strip_prefix=request.strip_prefix)
     fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model_class(**spec.kwargs))
     path = package / "model.safetensors"
     sha256 = write_safetensors(fitted.tensors, path)

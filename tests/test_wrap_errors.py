@@ -1,0 +1,189 @@
+"""Every bad input to `nnwheel wrap` gives one clear line on stderr, a non-zero exit, and no file in the output."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import EXAMPLE
+from nnwheel.cli import main
+
+ARCH = f"{EXAMPLE / 'model.py'}:DigitsMLP"
+
+
+def wrap_fails(capsys: pytest.CaptureFixture, out: Path, *args: object) -> str:
+    """Run wrap in-process through the real CLI; return its error line after checking the contract."""
+    code = main(["wrap", *map(str, args), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code != 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    assert not out.exists() or list(out.iterdir()) == [], "a failed wrap left files behind"
+    return lines[0]
+
+
+def test_missing_file(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "nope.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "does not exist" in line
+
+
+def test_empty_file(tmp_path, capsys):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "empty.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "is empty" in line
+
+
+def test_truncated_checkpoint(tmp_path, capsys):
+    data = (EXAMPLE / "model.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "cut.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "corrupt" in line or "not a checkpoint" in line
+
+
+def test_random_bytes(tmp_path, capsys):
+    (tmp_path / "noise.pth").write_bytes(os.urandom(4096))
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "noise.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "not a checkpoint nnwheel can read" in line
+
+
+class _RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled with the plain unpickler."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_pickle_that_runs_code_is_refused_and_never_run(tmp_path, capsys, legacy):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(1), "payload": _RunsCode(marker)}, path, _use_new_zipfile_serialization=not legacy)
+    line = wrap_fails(capsys, tmp_path / "dist", path, "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "never runs it" in line and "state_dict" in line
+    assert not marker.exists(), "the malicious payload ran"
+    # torch's own weights-only loader refuses it as well: nnwheel adds no weaker path.
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_pickled_whole_module_is_refused(tmp_path, capsys):
+    path = tmp_path / "whole.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(64, 10)), path)
+    line = wrap_fails(capsys, tmp_path / "dist", path, "--name", "m", "--input-shape", "-1,64")
+    assert "pickled nn.Module" in line and "torch.export" in line and "state_dict()" in line
+
+
+def test_arch_file_missing(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", f"{tmp_path}/nope.py:X", "--input-shape", "-1,64")
+    assert "nope.py does not exist" in line
+
+
+def test_arch_class_missing(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", f"{EXAMPLE / 'model.py'}:Nope", "--input-shape", "-1,64")
+    assert "has no class 'Nope'" in line
+
+
+def test_constructor_raises(tmp_path, capsys):
+    arch = tmp_path / "bad.py"
+    arch.write_text("import torch\nclass Bad(torch.nn.Module):\n    def __init__(self):\n        raise RuntimeError('boom')\n")
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", f"{arch}:Bad", "--input-shape", "-1,64")
+    assert "raised RuntimeError: boom" in line
+
+
+def test_wrong_constructor_arguments(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", ARCH, "--arch-kwargs", '{"nope": 1}', "--input-shape", "-1,64")
+    assert "--arch-kwargs" in line
+
+
+def test_keys_that_do_not_match_are_listed(tmp_path, capsys):
+    state = torch.load(EXAMPLE / "model.pth", weights_only=True)
+    state["extra.weight"] = state.pop("layers.2.weight")
+    torch.save(state, tmp_path / "renamed.pth")
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "renamed.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "missing from the checkpoint: layers.2.weight" in line and "not in the model: extra.weight" in line
+
+
+def test_shapes_that_do_not_match(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", ARCH, "--arch-kwargs", '{"hidden": 32}', "--input-shape", "-1,64")
+    assert "shapes do not fit" in line and "layers.0.weight" in line
+
+
+def test_local_import_without_include(tmp_path, capsys):
+    (tmp_path / "layers.py").write_text("import torch\nBlock = torch.nn.Linear\n")
+    arch = tmp_path / "net.py"
+    arch.write_text("import torch\nfrom layers import Block\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.block = Block(64, 10)\n    def forward(self, x):\n        return self.block(x)\n")
+    torch.save({"block.weight": torch.zeros(10, 64), "block.bias": torch.zeros(10)}, tmp_path / "net.pth")
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "net.pth", "--name", "m", "--arch", f"{arch}:Net", "--input-shape", "-1,64")
+    assert "imports local modules" in line and f"--include {tmp_path / 'layers.py'}" in line
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("-bad-", "is not a valid package name"),
+        ("my model", "is not a valid package name"),
+        ("1model", "Python cannot import"),
+        ("json", "standard library"),
+        ("class", "Python keyword"),
+        ("torch", "would hide that module"),
+        ("NumPy", "would hide that module"),
+    ],
+)
+def test_unusable_names(tmp_path, capsys, name, message):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", f"--name={name}", "--arch", ARCH, "--input-shape", "-1,64")
+    assert message in line
+
+
+def test_invalid_version(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--version", "one", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "PEP 440" in line
+
+
+def test_missing_input_schema(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", ARCH)
+    assert "--input-shape" in line
+
+
+def test_input_shape_that_does_not_fit_the_model(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,63")
+    assert "failed on the example input" in line
+
+
+def test_state_dict_without_arch(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--input-shape", "-1,64")
+    assert "--arch FILE.py:CLASS" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_directory_as_user(tmp_path, capsys):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    line = wrap_fails(capsys, out, EXAMPLE / "model.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "cannot write" in line
+
+
+def test_output_directory_that_cannot_be_created(tmp_path, capsys):
+    # A regular file where a directory is needed: fails even for root.
+    (tmp_path / "file").write_text("")
+    code = main(["wrap", str(EXAMPLE / "model.pth"), "--name", "m", "--arch", ARCH, "--input-shape", "-1,64", "--out", str(tmp_path / "file" / "dist")])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: cannot create the output directory")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nnwheel", "--debug", "wrap", str(tmp_path / "nope.pth"), "--name", "m"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr and "error: " in result.stderr
