@@ -1,0 +1,427 @@
+"""The local package index: a real devpi-server running in the background, its state in one directory.
+
+    DIR/
+      server/            devpi-server's own data (devpi-init --serverdir)
+      secret             devpi's signing secret (0600); a replica runs with a copy of its primary's
+      credentials.json   the generated passwords of the index user and of devpi's root (0600)
+      index.json         how the server is started: host, port, user, mirror, replica_of
+      devpi.pid          the running server's process id
+      devpi.log          everything devpi-init and devpi-server wrote
+
+Without a mirror the index has no bases and devpi runs in offline mode: it never connects anywhere.
+With a mirror the models index inherits devpi's PyPI mirror (root/pypi), so one URL serves private
+models and their public requirements; devpi hides a mirrored project whose name also exists in the
+private index, which protects installs against dependency confusion.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .errors import IndexNotRunningError, LocalIndexError, MissingDependencyError, UsageError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3141
+DEFAULT_USER = "nnwheel"
+INDEX_NAME = "models"
+MIRROR = "root/pypi"
+# devpi-server's own argon2 settings cost 7-9 s and ~580 MB at every start: right for a real server.
+# These cheap ones exist only so that tests can start servers in under a second.
+FAST_HASHING_ARGS = ("--argon2-memory-cost", "8", "--argon2-time-cost", "1", "--argon2-parallelism", "1")
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+_HTTP_TIMEOUT_S = 10.0
+
+
+def default_dir() -> Path:
+    """NNWHEEL_INDEX_DIR, else the platform's user data directory (e.g. ~/.local/share/nnwheel/index)."""
+    configured = os.environ.get("NNWHEEL_INDEX_DIR")
+    if configured:
+        return Path(configured)
+    import platformdirs
+
+    return platformdirs.user_data_path("nnwheel") / "index"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the server is started; recorded in index.json so that a later start reuses it."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    user: str = DEFAULT_USER
+    mirror: bool = False
+    replica_of: str | None = None  # the primary's index URL, e.g. http://host:3141/nnwheel/models/
+    fast_hashing: bool = False
+
+    @property
+    def server_url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def index_path(self) -> str:
+        return _index_path(self.replica_of) if self.replica_of else f"{self.user}/{INDEX_NAME}"
+
+    @property
+    def url(self) -> str:
+        """Where twine uploads (devpi takes uploads at the index URL itself)."""
+        return f"{self.server_url}/{self.index_path}/"
+
+    @property
+    def simple_url(self) -> str:
+        """What pip takes as --index-url."""
+        return f"{self.url}+simple/"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str
+    root_password: str
+
+
+@dataclass(frozen=True)
+class RunningIndex:
+    dir: Path
+    config: IndexConfig
+    pid: int
+
+
+def configure(index_dir: Path, **overrides: object) -> IndexConfig:
+    """The recorded configuration of index_dir (or the defaults), with the options that were given."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    config = replace(read_config(index_dir), **given)
+    if config.replica_of:
+        _index_path(config.replica_of)  # refuse a URL without user/index before anything starts
+    return config
+
+
+def read_config(index_dir: Path) -> IndexConfig:
+    path = index_dir / "index.json"
+    if not path.exists():
+        return IndexConfig()
+    known = {field.name for field in fields(IndexConfig)}
+    return IndexConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
+def read_credentials(index_dir: Path) -> Credentials | None:
+    path = index_dir / "credentials.json"
+    return Credentials(**json.loads(path.read_text())) if path.exists() else None
+
+
+def find_running(index_dir: Path) -> RunningIndex | None:
+    """The server started from index_dir, if its process is still alive."""
+    index_dir = index_dir.resolve()
+    try:
+        pid = int((index_dir / "devpi.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not _is_our_server(pid, index_dir):
+        return None
+    return RunningIndex(index_dir, read_config(index_dir), pid)
+
+
+def start(index_dir: Path, config: IndexConfig, secret_file: Path | None = None) -> tuple[RunningIndex, bool]:
+    """Start devpi-server for index_dir unless it already runs; True when this call started it."""
+    index_dir = index_dir.resolve()
+    running = find_running(index_dir)
+    if running is not None:
+        return running, False
+    _check_role(index_dir, config, secret_file)
+    _check_port_free(config)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    index_dir.chmod(0o700)  # devpi refuses a secret in a directory others can write to
+    if not (index_dir / "server").exists():
+        _initialise(index_dir, config, secret_file)
+    _write_json(index_dir / "index.json", asdict(config))
+    process = _launch(index_dir, config)
+    try:
+        _wait_until_serving(process, index_dir, config)
+        credentials = read_credentials(index_dir)
+        if credentials is not None:
+            _ensure_user_and_index(config, credentials)
+    except BaseException:
+        process.kill()
+        process.wait()
+        (index_dir / "devpi.pid").unlink(missing_ok=True)
+        raise
+    # The server outlives this object on purpose; don't let Python warn that it is still running.
+    process.returncode = 0
+    return RunningIndex(index_dir, config, process.pid), True
+
+
+def stop(index_dir: Path) -> RunningIndex | None:
+    """Shut the server down cleanly (SIGTERM, then wait); None when it was not running."""
+    running = find_running(index_dir)
+    if running is not None:
+        _terminate(running)
+    return running
+
+
+def require_running(index_dir: Path) -> RunningIndex:
+    running = find_running(index_dir)
+    if running is None:
+        raise IndexNotRunningError(
+            f"no local index is running from {index_dir}: start one with `nnwheel index start`"
+        )
+    return running
+
+
+def _index_path(index_url: str) -> str:
+    parts = [part for part in urllib.parse.urlsplit(index_url).path.split("/") if part]
+    if len(parts) < 2 or parts[-1] == "+simple":
+        raise UsageError(
+            f"{index_url} is not a devpi index URL: give the primary's index URL as "
+            "`nnwheel index url` prints it, e.g. http://host:3141/nnwheel/models/"
+        )
+    return "/".join(parts[:2])
+
+
+def _server_root(index_url: str) -> str:
+    parts = urllib.parse.urlsplit(index_url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _check_role(index_dir: Path, config: IndexConfig, secret_file: Path | None) -> None:
+    recorded = read_config(index_dir) if (index_dir / "server").exists() else None
+    if recorded is not None and bool(recorded.replica_of) != bool(config.replica_of):
+        role = "a replica" if recorded.replica_of else "a primary index"
+        raise UsageError(f"{index_dir} holds {role}; use another --dir for the other role")
+    credentials = read_credentials(index_dir)
+    if credentials is not None and credentials.user != config.user:
+        raise UsageError(
+            f"{index_dir} belongs to user {credentials.user!r}: "
+            f"use --user {credentials.user}, or another --dir for a new index"
+        )
+    if config.replica_of and recorded is None and secret_file is None:
+        raise UsageError(
+            "a replica needs its primary's secret: pass --secret-file PRIMARY_DIR/secret "
+            "(copied from the primary's index directory)"
+        )
+
+
+def _check_port_free(config: IndexConfig) -> None:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    deadline = time.monotonic() + 2.0  # a server stopped a moment ago may still be closing its socket
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As servers do: connections of a stopped server that linger in TIME_WAIT don't count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.host, config.port))
+                return
+            except OSError as error:
+                if time.monotonic() > deadline:
+                    raise LocalIndexError(
+                        f"cannot listen on {config.host}:{config.port} ({error.strerror}): "
+                        "pass another --port, or stop whatever uses it"
+                    ) from None
+        time.sleep(0.1)
+
+
+def _initialise(index_dir: Path, config: IndexConfig, secret_file: Path | None) -> None:
+    server_dir = index_dir / "server"
+    command = [_devpi_command("devpi-init"), "--serverdir", str(server_dir)]
+    if config.replica_of:
+        assert secret_file is not None  # _check_role made sure
+        _write_private(index_dir / "secret", secret_file.read_bytes())
+        command += ["--role", "replica", "--primary-url", _server_root(config.replica_of)]
+    else:
+        credentials = Credentials(config.user, secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+        _write_private(index_dir / "secret", base64.b64encode(secrets.token_bytes(32)))
+        _write_private(index_dir / "credentials.json", json.dumps(asdict(credentials)).encode())
+        # A hash, not the password, so that it never shows in the process list; devpi-init would
+        # otherwise leave root without a password.
+        command += ["--no-root-pypi", "--root-passwd-hash", _argon2_hash(credentials.root_password)]
+    with open(index_dir / "devpi.log", "ab") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        shutil.rmtree(server_dir, ignore_errors=True)
+        for name in ("secret", "credentials.json"):
+            (index_dir / name).unlink(missing_ok=True)
+        raise LocalIndexError(f"devpi-init failed:\n{_log_tail(index_dir)}")
+
+
+def _argon2_hash(password: str) -> str:
+    import argon2  # a devpi-server dependency, installed with nnwheel[index]
+
+    return argon2.PasswordHasher().hash(password)
+
+
+def _launch(index_dir: Path, config: IndexConfig) -> subprocess.Popen:
+    command = [
+        _devpi_command("devpi-server"),
+        "--serverdir", str(index_dir / "server"),
+        "--host", config.host,
+        "--port", str(config.port),
+        "--secretfile", str(index_dir / "secret"),
+    ]  # fmt: skip
+    if config.replica_of:
+        command += ["--role", "replica", "--primary-url", _server_root(config.replica_of)]
+    else:
+        # The primary role lets replicas follow this server; they must prove they hold the secret.
+        command += ["--role", "primary"]
+        if not config.mirror:
+            command += ["--offline-mode"]
+    if config.fast_hashing:
+        command += FAST_HASHING_ARGS
+    with open(index_dir / "devpi.log", "ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # keeps serving after this command returns, and ignores its Ctrl-C
+        )
+    (index_dir / "devpi.pid").write_text(f"{process.pid}\n")
+    return process
+
+
+def _wait_until_serving(process: subprocess.Popen, index_dir: Path, config: IndexConfig) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LocalIndexError(f"devpi-server exited while starting:\n{_log_tail(index_dir)}")
+        try:
+            _call("GET", f"{config.server_url}/+api", timeout=1.0)
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    raise LocalIndexError(
+        f"devpi-server did not answer within {START_TIMEOUT_S:.0f} s:\n{_log_tail(index_dir)}"
+    )
+
+
+def _ensure_user_and_index(config: IndexConfig, credentials: Credentials) -> None:
+    root = ("root", credentials.root_password)
+    user = (credentials.user, credentials.password)
+    server = config.server_url
+    if _get(f"{server}/{credentials.user}") is None:
+        _call("PUT", f"{server}/{credentials.user}", {"password": credentials.password}, auth=root)
+    # root's user record lists its indexes; asking root/pypi itself would make devpi fetch PyPI's list.
+    if config.mirror and "pypi" not in _call("GET", f"{server}/root").get("indexes", {}):
+        mirror = {"type": "mirror", "mirror_url": "https://pypi.org/simple/",
+                  "mirror_web_url_fmt": "https://pypi.org/project/{name}/"}  # fmt: skip
+        _call("PUT", f"{server}/{MIRROR}", mirror, auth=root)
+    bases = [MIRROR] if config.mirror else []
+    index_url = f"{server}/{config.index_path}"
+    existing = _get(index_url)
+    if existing is None:
+        # volatile=False: a released file can never be overwritten or deleted.
+        _call("PUT", index_url, {"bases": bases, "volatile": False}, auth=user)
+    elif existing.get("bases") != bases:
+        existing.pop("projects", None)
+        _call("PATCH", index_url, {**existing, "bases": bases}, auth=user)
+
+
+def _get(url: str) -> dict | None:
+    try:
+        return _call("GET", url)
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
+
+
+def _call(
+    method: str,
+    url: str,
+    body: dict | None = None,
+    auth: tuple[str, str] | None = None,
+    timeout: float = _HTTP_TIMEOUT_S,
+) -> dict:
+    """One request to devpi's JSON API; returns its "result"."""
+    request = urllib.request.Request(url, method=method, headers={"Accept": "application/json"})
+    if body is not None:
+        request.data = json.dumps(body).encode()
+        request.add_header("Content-Type", "application/json")
+    if auth is not None:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response).get("result", {})
+
+
+def _terminate(index: RunningIndex) -> None:
+    try:
+        os.kill(index.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _is_our_server(index.pid, index.dir):
+        if time.monotonic() > deadline:
+            raise LocalIndexError(
+                f"devpi-server (pid {index.pid}) did not stop within {STOP_TIMEOUT_S:.0f} s; "
+                f"see {index.dir / 'devpi.log'}"
+            )
+        time.sleep(0.1)
+    (index.dir / "devpi.pid").unlink(missing_ok=True)
+
+
+def _is_our_server(pid: int, index_dir: Path) -> bool:
+    """Alive, and (where /proc tells) still the devpi-server of index_dir, not a reused pid."""
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if this process started it and it has exited
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():
+        return sys.platform != "linux"  # no /proc to ask: trust the pidfile
+    try:
+        state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    if state == "Z":
+        return False  # exited, sockets closed; only its parent has not collected it yet
+    # An exiting process has an empty cmdline but may still hold its port.
+    return not cmdline or str(index_dir / "server").encode() in cmdline
+
+
+def _devpi_command(name: str) -> str:
+    # Next to the running interpreter: the devpi-server of nnwheel's own environment.
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise MissingDependencyError(
+            f"{name} is not installed next to {sys.executable}: pip install 'nnwheel[index]'"
+        )
+    return found
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read, created with those permissions from the start."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _log_tail(index_dir: Path, lines: int = 15) -> str:
+    log = index_dir / "devpi.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "\n".join(text.splitlines()[-lines:]) + f"\n(full log: {log})"

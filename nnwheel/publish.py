@@ -1,0 +1,321 @@
+"""Upload model wheels with twine, after the checks an index does not do for us.
+
+A released file never changes: before sending anything we ask the index (its simple API) whether it
+already has the file name. The same sha256 means the work is done; a different one is refused, since
+twine's --skip-existing does not work with devpi and would hide the difference anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import contextlib
+import hashlib
+import html.parser
+import os
+import re
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+from . import index
+from .errors import (
+    AlreadyReleasedError,
+    AuthenticationError,
+    IndexNotRunningError,
+    IndexUnreachableError,
+    NotAModelWheelError,
+    UnknownRepositoryError,
+    UploadPermissionError,
+    UploadRejectedError,
+    UploadTooLargeError,
+)
+
+# PyPI's default per-file limit; projects can ask for more.
+PYPI_FILE_LIMIT = 100 * 1000 * 1000
+# How long the index may take to answer the pre-upload question before we call it unreachable.
+CHECK_TIMEOUT_S = 5.0
+_PYPI_UPLOADS = {"upload.pypi.org": "https://pypi.org/simple/", "test.pypi.org": "https://test.pypi.org/simple/"}
+_NNWHEEL_JSON = re.compile(r"[^/]+/nnwheel\.json")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where wheels go, and as whom."""
+
+    upload_url: str
+    simple_url: str  # the index's simple API root, as pip's --index-url takes it
+    username: str | None
+    password: str | None
+
+    @property
+    def is_pypi(self) -> bool:
+        return urllib.parse.urlsplit(self.upload_url).hostname in _PYPI_UPLOADS
+
+
+@dataclass(frozen=True)
+class ModelWheel:
+    path: Path
+    project: str  # canonical distribution name
+    version: str
+    sha256: str
+    size: int
+
+
+def resolve_target(
+    index_option: str | None,
+    user: str | None,
+    password: str | None,
+    index_dir: Path,
+    pypirc: Path,
+) -> Target:
+    """--index URL, a repository name from ~/.pypirc, or the running local index.
+
+    Credentials come from the options, then NNWHEEL_INDEX_USER/PASSWORD, then TWINE_USERNAME/PASSWORD,
+    then ~/.pypirc, then the local index's stored ones.
+    """
+    user = user or os.environ.get("NNWHEEL_INDEX_USER") or os.environ.get("TWINE_USERNAME")
+    password = password or os.environ.get("NNWHEEL_INDEX_PASSWORD") or os.environ.get("TWINE_PASSWORD")
+    local = index.find_running(index_dir)
+    if index_option is None:
+        if local is None:
+            raise IndexNotRunningError(
+                f"no --index given and no local index is running from {index_dir}: "
+                "start one with `nnwheel index start`, or pass --index URL or a ~/.pypirc name"
+            )
+        index_option = local.config.url
+    if "://" not in index_option:
+        return _from_pypirc(index_option, user, password, pypirc)
+    url = index_option if index_option.endswith("/") else index_option + "/"
+    url = url.removesuffix("+simple/")  # the URL pip takes, pasted for the one twine takes
+    if local is not None and url == local.config.url and user is None:
+        stored = index.read_credentials(index_dir)
+        if stored is not None:
+            user, password = stored.user, stored.password
+    return Target(url, _simple_url(url), user, password)
+
+
+def _from_pypirc(name: str, user: str | None, password: str | None, pypirc: Path) -> Target:
+    from twine import exceptions, utils
+
+    try:
+        config = utils.get_repository_from_config(str(pypirc), name)
+    except exceptions.InvalidConfiguration:
+        known = ", ".join(sorted(utils.get_config(str(pypirc)))) if pypirc.exists() else "pypi, testpypi"
+        raise UnknownRepositoryError(
+            f"--index {name}: no repository of that name in {pypirc} (known: {known}); "
+            f"pass the index URL instead, or add a [{name}] section with repository = URL"
+        ) from None
+    url = str(config["repository"])
+    return Target(
+        url,
+        _simple_url(url),
+        user or config.get("username"),
+        password or config.get("password"),
+    )
+
+
+def _simple_url(upload_url: str) -> str:
+    host = urllib.parse.urlsplit(upload_url).hostname
+    # PyPI takes uploads on one host and serves on another; devpi serves an index's simple API under it.
+    return _PYPI_UPLOADS.get(host or "", f"{upload_url}+simple/")
+
+
+def read_model_wheel(path: Path) -> ModelWheel:
+    """The wheel's name, version and hash; refuses anything that is not a wheel made by nnwheel."""
+    if not path.is_file():
+        raise NotAModelWheelError(f"{path} does not exist")
+    try:
+        project, version, _, _ = parse_wheel_filename(path.name)
+    except InvalidWheelFilename:
+        raise NotAModelWheelError(
+            f"{path} is not a wheel: nnwheel publishes model wheels made by `nnwheel wrap`"
+        ) from None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            entry_points = _entry_points(archive, names)
+    except zipfile.BadZipFile:
+        raise NotAModelWheelError(f"{path} is not a valid zip archive; rebuild it with `nnwheel wrap`") from None
+    manifests = [name for name in names if _NNWHEEL_JSON.fullmatch(name) and ".dist-info/" not in name]
+    if len(manifests) != 1 or not entry_points.has_section("nnwheel.models"):
+        raise NotAModelWheelError(
+            f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
+            "entry point in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"
+        )
+    return ModelWheel(path, str(project), str(version), _sha256(path), path.stat().st_size)
+
+
+def _entry_points(archive: zipfile.ZipFile, names: list[str]) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # entry names are case-sensitive
+    for name in names:
+        if name.count("/") == 1 and name.endswith(".dist-info/entry_points.txt"):
+            parser.read_string(archive.read(name).decode())
+    return parser
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def oversize_warning(target: Target, wheel: ModelWheel) -> str | None:
+    if not target.is_pypi or wheel.size <= PYPI_FILE_LIMIT:
+        return None
+    return (
+        f"{wheel.path.name} is {wheel.size / 1e6:.0f} MB; PyPI refuses files over "
+        f"{PYPI_FILE_LIMIT / 1e6:.0f} MB unless the project was granted a larger limit "
+        "(request one at https://github.com/pypi/support), so the upload may fail. "
+        "A private index has no such limit: `nnwheel index start`."
+    )
+
+
+def is_published(target: Target, wheel: ModelWheel) -> bool:
+    """True when the index has this exact file; raises when it has the name with other bytes."""
+    published = _published_sha256(target, wheel)
+    if published is None:
+        return False
+    if published != wheel.sha256:
+        raise AlreadyReleasedError(
+            f"{target.upload_url} already has {wheel.path.name} with different content "
+            f"(sha256 {published[:12]}..., yours {wheel.sha256[:12]}...). A released file never "
+            "changes: wrap again with a new --version and publish that."
+        )
+    return True
+
+
+def _published_sha256(target: Target, wheel: ModelWheel) -> str | None:
+    url = f"{target.simple_url}{canonicalize_name(wheel.project)}/"
+    try:
+        page = _fetch(target, url).decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        _raise_for_status(target, error.code, error.reason)
+    for href, text in _links(page):
+        if text.strip() == wheel.path.name:
+            fragment = urllib.parse.urlsplit(href).fragment
+            if fragment.startswith("sha256="):
+                return fragment.removeprefix("sha256=")
+            # An index that does not put hashes in its links: compare the bytes it serves.
+            return hashlib.sha256(_fetch(target, urllib.parse.urljoin(url, href))).hexdigest()
+    return None
+
+
+def _fetch(target: Target, url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"Accept": "text/html"})
+    if target.username and target.password:
+        token = base64.b64encode(f"{target.username}:{target.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_S) as response:
+            return response.read()
+    except urllib.error.HTTPError:
+        raise
+    except (urllib.error.URLError, socket.timeout, ConnectionError) as error:
+        reason = getattr(error, "reason", error)
+        raise IndexUnreachableError(
+            f"cannot reach the index at {target.upload_url} ({_describe(reason)}): check the URL, "
+            "and that the server runs (`nnwheel index status` for the local one)"
+        ) from None
+
+
+def _describe(reason: object) -> str:
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return f"no answer within {CHECK_TIMEOUT_S:.0f} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    return str(getattr(reason, "strerror", None) or reason)
+
+
+class _LinkParser(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._href = dict(attrs).get("href") or ""
+            self.links.append((self._href, ""))
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            href, text = self.links[-1]
+            self.links[-1] = (href, text + data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a":
+            self._href = None
+
+
+def _links(page: str) -> list[tuple[str, str]]:
+    parser = _LinkParser()
+    parser.feed(page)
+    return parser.links
+
+
+def upload(target: Target, wheel: ModelWheel) -> None:
+    """Send one wheel with twine; its progress bar (on a terminal) and messages go to stderr."""
+    import requests
+    from twine.package import PackageFile
+    from twine.repository import Repository
+
+    package = PackageFile.from_filename(str(wheel.path), comment=None)
+    repository = Repository(
+        target.upload_url, target.username, target.password, disable_progress_bar=not sys.stderr.isatty()
+    )
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            response = repository.upload(package)
+    except requests.ConnectionError as error:
+        raise IndexUnreachableError(
+            f"the connection to {target.upload_url} broke during the upload ({error.__class__.__name__}); "
+            "publish again: the check before uploading makes that safe"
+        ) from None
+    finally:
+        repository.close()
+    if response.status_code != 200:
+        _raise_for_status(target, response.status_code, response.reason)
+
+
+def _raise_for_status(target: Target, status: int, reason: str) -> None:
+    url = target.upload_url
+    if status == 401:
+        who = f"user {target.username!r}" if target.username else "no user name"
+        raise AuthenticationError(
+            f"{url} did not accept the password for {who} (401): pass --user and set "
+            "NNWHEEL_INDEX_PASSWORD (or use `nnwheel index start`'s stored credentials)"
+        )
+    if status == 403:
+        raise UploadPermissionError(
+            f"user {target.username!r} may not upload to {url} (403): ask the index owner for upload "
+            "permission, or publish to an index of your own"
+        )
+    if status == 413:
+        raise UploadTooLargeError(
+            f"{url} refuses files this large (413): raise the server's limit (devpi-server "
+            "--max-request-body-size, or the proxy's body size limit) or publish to another index"
+        )
+    if status == 404:
+        raise UploadRejectedError(
+            f"{url} is not an upload URL (404): for devpi use http://HOST:PORT/USER/INDEX/, "
+            "for PyPI --index pypi"
+        )
+    # devpi answers 409 Conflict, PyPI 400 "File already exists".
+    if status == 409 or (status == 400 and "exist" in reason.lower()):
+        raise AlreadyReleasedError(
+            f"{url} already has this file ({status} {reason}); wrap again with a new --version"
+        )
+    raise UploadRejectedError(f"{url} refused the upload: {status} {reason}")
