@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import itertools
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import time
+import urllib.parse
+import urllib.request
 import venv
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +58,10 @@ def make_venv(path: Path, inherit: bool = True) -> Venv:
     venv.EnvBuilder(with_pip=True, symlinks=True).create(path)
     if inherit:
         site = Path(sysconfig.get_paths()["purelib"])
-        (path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "zz-test-env.pth").write_text(f"{site}\n")
+        own_site = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+        # addsitedir (not a bare path) so the test environment's own .pth files, e.g. nnwheel's editable
+        # install, work too; it appends, so what is installed into this venv still comes first.
+        (own_site / "zz-test-env.pth").write_text(f"import site; site.addsitedir({str(site)!r})\n")
     return Venv(path)
 
 
@@ -92,3 +106,166 @@ def digits_reference(digits_sample: list) -> list:
     model.load_state_dict(torch.load(EXAMPLE / "model.pth", weights_only=True))
     with torch.no_grad():
         return model.eval()(torch.tensor(digits_sample)).tolist()
+
+
+# --- A real devpi-server for publish/install tests -------------------------------------------------
+
+# devpi's default argon2 settings cost seconds and hundreds of MB at start; tests don't need them safe.
+DEVPI_FAST_HASHING = ("--argon2-memory-cost", "8", "--argon2-time-cost", "1", "--argon2-parallelism", "1")
+DEVPI_ROOT_PASSWORD = "test-root-password"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class DevpiIndex:
+    url: str  # what twine and nnwheel publish take
+    user: str
+    password: str
+
+    @property
+    def simple_url(self) -> str:
+        """What pip takes as --index-url."""
+        return f"{self.url}+simple/"
+
+    def served_sha256(self, filename: str) -> str:
+        """sha256 of the bytes the index serves for filename, found through its simple page."""
+        project = filename.split("-")[0].replace("_", "-").lower()
+        page = urllib.request.urlopen(f"{self.simple_url}{project}/", timeout=10).read().decode()
+        href = re.search(rf'href="([^"#]+)#sha256=[0-9a-f]+"[^>]*>{re.escape(filename)}<', page)
+        assert href, f"{filename} is not on {self.simple_url}{project}/"
+        data = urllib.request.urlopen(urllib.parse.urljoin(f"{self.simple_url}{project}/", href[1]), timeout=10).read()
+        return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Devpi:
+    url: str  # server root, http://127.0.0.1:PORT
+    pid: int
+
+    def create_user(self, name: str, password: str) -> None:
+        self._call("PUT", f"{self.url}/{name}", {"password": password}, ("root", DEVPI_ROOT_PASSWORD))
+
+    def create_index(self, user: str | None = None, password: str = "test-password") -> DevpiIndex:
+        """A new user with a new non-volatile index, as a person would create them with devpi-client."""
+        user = user or f"user{next(_unique)}"
+        self.create_user(user, password)
+        self._call("PUT", f"{self.url}/{user}/models", {"bases": [], "volatile": False}, (user, password))
+        return DevpiIndex(f"{self.url}/{user}/models/", user, password)
+
+    @staticmethod
+    def _call(method: str, url: str, body: dict, auth: tuple[str, str]) -> None:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method=method)
+        request.add_header("Content-Type", "application/json")
+        request.add_header("Accept", "application/json")
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+        urllib.request.urlopen(request, timeout=30).close()
+
+
+_unique = itertools.count()
+
+
+@contextlib.contextmanager
+def running_devpi(serverdir: Path, *options: str) -> Iterator[Devpi]:
+    """devpi-init + devpi-server on 127.0.0.1 and a free port, offline; stopped by its PID on exit."""
+    bindir = Path(sys.executable).parent
+    subprocess.run(
+        [bindir / "devpi-init", "--serverdir", serverdir, "--no-root-pypi", "--root-passwd", DEVPI_ROOT_PASSWORD],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    log = serverdir.parent / f"{serverdir.name}.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen(
+            [bindir / "devpi-server", "--serverdir", serverdir, "--host", "127.0.0.1", "--port", str(port),
+             "--offline-mode", *DEVPI_FAST_HASHING, *options],
+            stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    devpi = Devpi(f"http://127.0.0.1:{port}", server.pid)
+    try:
+        _wait_for(f"{devpi.url}/+api", server, log)
+        yield devpi
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: Path, what: str = "devpi-server") -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"{what} exited:\n{log.read_text()}"
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{what} did not answer on {url}:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def devpi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devpi]:
+    """One real devpi-server for the whole session; each test makes its own user and index on it."""
+    with running_devpi(tmp_path_factory.mktemp("devpi") / "server") as server:
+        yield server
+
+
+def tiny_model_wheel(out_dir: Path, name: str = "tiny-model", version: str = "0.1.0", answer: int = 42) -> Path:
+    """A minimal wheel that follows the contract for "a wheel made by nnwheel" (one PACKAGE/nnwheel.json and a
+    nnwheel.models entry point), without torch: fast to build, so tests can make many variants."""
+    from nnwheel.wheel import build_wheel
+
+    import_name = name.replace("-", "_")
+    project = out_dir / f"{import_name}-{version}-{answer}-project"
+    (project / import_name).mkdir(parents=True)
+    (project / "README.md").write_text(f"# {name}\n")
+    (project / import_name / "__init__.py").write_text(f"def predict(x):\n    return {answer}\n")
+    (project / import_name / "nnwheel.json").write_text(json.dumps({"name": name, "version": version}))
+    (project / "pyproject.toml").write_text(
+        f'[build-system]\nrequires = ["hatchling>=1.26"]\nbuild-backend = "hatchling.build"\n\n'
+        f'[project]\nname = "{name}"\nversion = "{version}"\nreadme = "README.md"\n\n'
+        f'[project.entry-points."nnwheel.models"]\n{name} = "{import_name}"\n\n'
+        f'[tool.hatch.build.targets.wheel]\npackages = ["{import_name}"]\n'
+    )
+    wheel_dir = out_dir / f"dist-{answer}"
+    wheel_dir.mkdir(exist_ok=True)
+    return build_wheel(project, wheel_dir)
+
+
+# --- nnwheel serve in a real process -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    process: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    log: Path  # the server's stdout and stderr
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as Kubernetes stops a pod; returns the exit status once the server has finished."""
+        os.kill(self.process.pid, signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+@contextlib.contextmanager
+def serving(command: list, log_dir: Path, cwd: Path = ROOT) -> Iterator[Server]:
+    """Run an `nnwheel serve NAME ...` command on a free 127.0.0.1 port until /v2/health/ready answers;
+    stopped by its PID on exit. cwd=ROOT lets `python -m nnwheel` find this checkout's nnwheel."""
+    port = free_port()
+    log = log_dir / f"serve-{port}.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [*map(str, command), "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, stdout=output, stderr=subprocess.STDOUT
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    try:
+        _wait_for(f"{server.url}/v2/health/ready", process, log, "nnwheel serve")
+        yield server
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            process.wait(60)
