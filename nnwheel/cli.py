@@ -324,5 +324,56 @@ def _run_publish(args: argparse.Namespace) -> None:
     print(f"install with: pip install --index-url {target.simple_url} {names}")
 
 
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve an installed model over HTTP (needs nnwheel[serve])",
+        description="Serve an installed model package with uvicorn: POST /predict {\"data\": ...}, the Open "
+        "Inference Protocol (KServe V2) under /v2, and Prometheus metrics at /metrics. Concurrent "
+        "requests are merged into one model call when the model gives each row identical results in "
+        "every batch size (checked at start). SIGTERM finishes the requests in flight, then stops.",
+        epilog="example: nnwheel serve mnist-mlp --port 8080, then "
+        "curl -X POST localhost:8080/predict -d '{\"data\": [[...]]}'",
+    )
+    serve.add_argument("name", metavar="NAME", help="an installed model, e.g. mnist-mlp (see nnwheel list)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                       "(default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the "
+                       "model (default: %(default)s)")
+    batching = serve.add_argument_group("micro-batching")
+    batching.add_argument("--no-batching", dest="batching", action="store_false",
+                          help="run every request on its own")
+    batching.add_argument("--inexact-batching", action="store_true",
+                          help="merge requests even when the model rounds a row differently in a bigger batch "
+                          "(more throughput; results may differ from single calls in the last bits)")
+    batching.add_argument("--max-batch", type=int, default=32, help="most rows per model call (default: %(default)s)")
+    batching.add_argument("--max-wait-ms", type=float, default=5.0,
+                          help="longest wait for more requests while others are arriving (default: %(default)s)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="larger request bodies are refused with 413 (default: %(default)s)")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from .errors import MissingDependencyError, UsageError
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: give a port from 1 to 65535")
+    if args.workers < 1 or args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0:
+        raise UsageError("--workers and --max-batch are at least 1, --max-wait-ms at least 0, --max-body-mb above 0")
+    try:
+        from . import serve
+    except ImportError as error:
+        raise MissingDependencyError(f"nnwheel serve needs {error.name}: pip install 'nnwheel[serve]'") from None
+    serve.serve(
+        serve.ServeOptions(
+            name=args.name, host=args.host, port=args.port, workers=args.workers, batching=args.batching,
+            inexact_batching=args.inexact_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        )
+    )
+
+
 # Each entry adds one sub-command to the parser; they appear in --help in this order.
-COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, _add_index, _add_publish]
+COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, _add_index, _add_publish, _add_serve]

@@ -1,0 +1,91 @@
+"""The serving metrics, written in the Prometheus text exposition format (version 0.0.4).
+
+Three families are all a dashboard or an autoscaler needs, so they are written by hand rather than
+through a client library: requests by route and status, request latency, and rows per model call.
+Everything is updated from the server's event loop thread, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int] = field(init=False)  # per bucket, not cumulative; the last one is +Inf
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # buckets are "less than or equal"
+        self.total += value
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        separator = "," if labels else ""
+        lines, cumulative = [], 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts):
+            cumulative += count
+            le = "+Inf" if bound == math.inf else _number(bound)
+            lines.append(f'{name}_bucket{{{labels}{separator}le="{le}"}} {cumulative}')
+        braces = f"{{{labels}}}" if labels else ""
+        lines.append(f"{name}_sum{braces} {_number(self.total)}")
+        lines.append(f"{name}_count{braces} {cumulative}")
+        return lines
+
+
+@dataclass
+class ServeMetrics:
+    model: str
+    batching: bool
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status) -> count
+    latency: dict[str, Histogram] = field(default_factory=dict)  # route -> seconds
+    batch_rows: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests[route, status] += 1
+        self.latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def observe_model_call(self, rows: int) -> None:
+        self.batch_rows.observe(rows)
+
+    def render(self) -> str:
+        lines = [
+            "# HELP nnwheel_requests_total HTTP requests answered, by route and status code.",
+            "# TYPE nnwheel_requests_total counter",
+        ]
+        for (route, status), count in sorted(self.requests.items()):
+            lines.append(f'nnwheel_requests_total{{route="{_escape(route)}",code="{status}"}} {count}')
+        lines += [
+            "# HELP nnwheel_request_duration_seconds Time from receiving a request to the end of its response.",
+            "# TYPE nnwheel_request_duration_seconds histogram",
+        ]
+        for route, histogram in sorted(self.latency.items()):
+            lines += histogram.lines("nnwheel_request_duration_seconds", f'route="{_escape(route)}"')
+        lines += [
+            "# HELP nnwheel_batch_rows Rows per model call: above 1 when concurrent requests were batched.",
+            "# TYPE nnwheel_batch_rows histogram",
+            *self.batch_rows.lines("nnwheel_batch_rows"),
+            "# HELP nnwheel_batching_enabled 1 when concurrent requests are merged into one model call.",
+            "# TYPE nnwheel_batching_enabled gauge",
+            f'nnwheel_batching_enabled{{model="{_escape(self.model)}"}} {int(self.batching)}',
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
