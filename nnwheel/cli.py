@@ -310,7 +310,7 @@ def _run_publish(args: argparse.Namespace) -> None:
     from .index import default_dir
 
     wheels = [publish.read_model_wheel(path) for path in args.wheels]
-    target = publish.resolve_target(args.index, args.user, args.password, default_dir(), Path.home() / ".pypirc")
+    target = publish.resolve_target(args.index, args.user, args.password, default_dir())
     for wheel in wheels:
         if publish.is_published(target, wheel):
             print(f"{wheel.path.name}: already published at {target.upload_url} (same sha256), nothing sent")

@@ -74,7 +74,6 @@ def resolve_target(
     user: str | None,
     password: str | None,
     index_dir: Path,
-    pypirc: Path,
 ) -> Target:
     """--index URL, a repository name from ~/.pypirc, or the running local index.
 
@@ -92,7 +91,7 @@ def resolve_target(
             )
         index_option = local.config.url
     if "://" not in index_option:
-        return _from_pypirc(index_option, user, password, pypirc)
+        return _from_pypirc(index_option, user, password)
     url = index_option if index_option.endswith("/") else index_option + "/"
     url = url.removesuffix("+simple/")  # the URL pip takes, pasted for the one twine takes
     if local is not None and url == local.config.url and user is None:
@@ -102,13 +101,15 @@ def resolve_target(
     return Target(url, _simple_url(url), user, password)
 
 
-def _from_pypirc(name: str, user: str | None, password: str | None, pypirc: Path) -> Target:
+def _from_pypirc(name: str, user: str | None, password: str | None) -> Target:
     from twine import exceptions, utils
 
+    # twine's own default path: only that one may be missing (then pypi and testpypi are still known).
     try:
-        config = utils.get_repository_from_config(str(pypirc), name)
+        config = utils.get_repository_from_config(utils.DEFAULT_CONFIG_FILE, name)
     except exceptions.InvalidConfiguration:
-        known = ", ".join(sorted(utils.get_config(str(pypirc)))) if pypirc.exists() else "pypi, testpypi"
+        pypirc = Path(utils.DEFAULT_CONFIG_FILE).expanduser()
+        known = ", ".join(sorted(utils.get_config(utils.DEFAULT_CONFIG_FILE)))
         raise UnknownRepositoryError(
             f"--index {name}: no repository of that name in {pypirc} (known: {known}); "
             f"pass the index URL instead, or add a [{name}] section with repository = URL"

@@ -1,0 +1,238 @@
+"""nnwheel publish against a real devpi-server: uploads, pip installs from the index, and every refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE, DevpiIndex, free_port, make_venv, nnwheel, running_devpi, tiny_model_wheel
+from nnwheel.publish import PYPI_FILE_LIMIT, ModelWheel, Target, oversize_warning
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True)
+def plain_pip(monkeypatch):
+    """This machine's environment adds a local wheel folder to every pip; installs here must come from the index."""
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+
+
+def fresh_env(path: Path):
+    env = make_venv(path)
+    # The venv's own setuptools (65, from ensurepip) would shadow the test environment's newer one, which torch
+    # requires, and pip could not download a newer one here.
+    env.pip("uninstall", "--yes", "setuptools")
+    return env
+
+
+def publish(wheel: Path, index: DevpiIndex, *extra: str, password: str | None = None, check: bool = True):
+    """nnwheel publish in a new process, with credentials in the environment as a CI job would pass them."""
+    env = {"NNWHEEL_INDEX_USER": index.user, "NNWHEEL_INDEX_PASSWORD": password or index.password}
+    return nnwheel("publish", wheel, "--index", index.url, *extra, env=env, check=check)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def predict_in(env, sample: list) -> list:
+    return json.loads(env.run(f"import digits_mlp; print(digits_mlp.predict({sample!r}).tolist())").stdout)
+
+
+def installed_version(env) -> str:
+    return env.run("import importlib.metadata as m; print(m.version('digits-mlp'))").stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def digits_wheel_v2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits-v2")
+    result = nnwheel(
+        "wrap", EXAMPLE / "model.pth", "--name", "digits-mlp", "--arch", f"{EXAMPLE / 'model.py'}:DigitsMLP",
+        "--input-shape", "-1,64", "--version", "0.2.0", "--out", out,
+    )  # fmt: skip
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def test_publish_install_from_the_index_and_predict(devpi, digits_wheel, digits_sample, digits_reference, tmp_path):
+    import torch
+
+    index = devpi.create_index()
+    result = publish(digits_wheel, index)
+    assert f"{digits_wheel.name}: published to {index.url}" in result.stdout
+    assert f"pip install --index-url {index.simple_url} digits-mlp" in result.stdout
+
+    env = fresh_env(tmp_path / "env")
+    env.pip("install", "--index-url", index.simple_url, "digits-mlp")
+    assert torch.allclose(torch.tensor(predict_in(env, digits_sample)), torch.tensor(digits_reference), atol=1e-6)
+    assert index.served_sha256(digits_wheel.name) == sha256(digits_wheel)
+
+
+def test_upgrade_to_a_new_version_and_back(devpi, digits_wheel, digits_wheel_v2, tmp_path):
+    index = devpi.create_index()
+    publish(digits_wheel, index)
+    env = fresh_env(tmp_path / "env")
+    env.pip("install", "--index-url", index.simple_url, "digits-mlp")
+    assert installed_version(env) == "0.1.0"
+
+    publish(digits_wheel_v2, index)
+    env.pip("install", "-U", "--index-url", index.simple_url, "digits-mlp")
+    assert installed_version(env) == "0.2.0"
+
+    env.pip("install", "--index-url", index.simple_url, "digits-mlp==0.1.0")
+    assert installed_version(env) == "0.1.0"
+
+
+def test_identical_republish_sends_nothing(devpi, tmp_path):
+    index = devpi.create_index()
+    wheel = tiny_model_wheel(tmp_path)
+    assert "Uploading" in publish(wheel, index).stderr
+
+    again = publish(wheel, index)
+    assert again.returncode == 0
+    assert f"{wheel.name}: already published at {index.url} (same sha256), nothing sent" in again.stdout
+    assert "Uploading" not in again.stderr  # twine never ran
+
+
+def test_different_content_under_a_released_version_is_refused(devpi, tmp_path):
+    index = devpi.create_index()
+    original = tiny_model_wheel(tmp_path, answer=1)
+    publish(original, index)
+    changed = tiny_model_wheel(tmp_path, answer=2)
+    assert changed.name == original.name and sha256(changed) != sha256(original)
+
+    result = publish(changed, index, check=False)
+    assert result.returncode == 1
+    assert f"already has {original.name} with different content" in result.stderr
+    assert "new --version" in result.stderr
+    assert "Uploading" not in result.stderr
+    assert index.served_sha256(original.name) == sha256(original)
+
+
+def test_wrong_password_is_a_clear_error(devpi, tmp_path):
+    index = devpi.create_index()
+    result = publish(tiny_model_wheel(tmp_path), index, password="not-the-password", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {index.url} did not accept the password for user {index.user!r} (401): pass --user and set "
+        "NNWHEEL_INDEX_PASSWORD (or use `nnwheel index start`'s stored credentials)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_user_without_upload_permission_is_a_clear_error(devpi, tmp_path):
+    owner = devpi.create_index()
+    other = devpi.create_index()  # a second user, with an index of their own
+    intruder = DevpiIndex(owner.url, other.user, other.password)
+    result = publish(tiny_model_wheel(tmp_path), intruder, check=False)
+    assert result.returncode == 1
+    assert f"error: user {other.user!r} may not upload to {owner.url} (403)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_stopped_server_is_reported_at_once(tmp_path):
+    stopped = DevpiIndex(f"http://127.0.0.1:{free_port()}/user/models/", "user", "password")
+    result = subprocess.run(
+        [sys.executable, "-m", "nnwheel", "publish", tiny_model_wheel(tmp_path), "--index", stopped.url],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"error: cannot reach the index at {stopped.url} (connection refused)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_that_never_answers_times_out_in_seconds(tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel does) but never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/user/models/"
+        result = subprocess.run(
+            [sys.executable, "-m", "nnwheel", "publish", tiny_model_wheel(tmp_path), "--index", url],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"error: cannot reach the index at {url} (no answer within 5 s)" in result.stderr
+
+
+def test_body_too_large_is_a_clear_error(tmp_path):
+    with running_devpi(tmp_path / "small", "--max-request-body-size", "2000") as small:
+        index = small.create_index()
+        result = publish(tiny_model_wheel(tmp_path), index, check=False)
+    assert result.returncode == 1
+    assert f"error: {index.url} refuses files this large (413)" in result.stderr
+
+
+def test_repository_names_come_from_pypirc(devpi, tmp_path):
+    index = devpi.create_index()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".pypirc").write_text(
+        "[distutils]\nindex-servers = private\n\n"
+        f"[private]\nrepository = {index.url}\nusername = {index.user}\npassword = {index.password}\n"
+    )
+    wheel = tiny_model_wheel(tmp_path)
+    env = {"HOME": str(home)}
+    assert f"published to {index.url}" in nnwheel("publish", wheel, "--index", "private", env=env).stdout
+
+    unknown = nnwheel("publish", wheel, "--index", "privat", env=env, check=False)
+    assert unknown.returncode == 2
+    assert f"error: --index privat: no repository of that name in {home / '.pypirc'} (known: private, pypi, testpypi)" in unknown.stderr
+
+
+def test_only_wheels_made_by_nnwheel_are_published(devpi, tmp_path):
+    index = devpi.create_index()
+    plain = tiny_model_wheel(tmp_path)
+    stripped = tmp_path / "stripped" / plain.name
+    stripped.parent.mkdir()
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(stripped, "w") as target:
+        for item in source.infolist():
+            if not item.filename.endswith("nnwheel.json"):
+                target.writestr(item, source.read(item))
+    not_a_wheel = tmp_path / "model.pth.whl"
+    not_a_wheel.write_bytes(b"not a zip")
+
+    for path, message in [
+        (stripped, "is not a wheel made by nnwheel"),
+        (not_a_wheel, "is not a wheel: nnwheel publishes model wheels made by `nnwheel wrap`"),
+        (tmp_path / "missing-0.1.0-py3-none-any.whl", "does not exist"),
+    ]:
+        result = publish(path, index, check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"error: {path}" in result.stderr and message in result.stderr
+
+
+def test_offline_install_from_a_download_folder(devpi, digits_wheel, digits_sample, digits_reference, tmp_path):
+    import torch
+
+    index = devpi.create_index()
+    publish(digits_wheel, index)
+    folder = tmp_path / "wheelhouse"
+    # Requirements such as torch are already present where they cannot be downloaded (no internet here).
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--index-url", index.simple_url, "-d", folder, "digits-mlp"],
+        env={**os.environ, "PIP_CONFIG_FILE": "/dev/null"},  # plain pip, without this machine's find-links
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert [path.name for path in folder.iterdir()] == [digits_wheel.name]
+
+    offline = fresh_env(tmp_path / "offline")
+    offline.pip("install", "--no-index", "--find-links", str(folder), "digits-mlp")
+    assert torch.allclose(torch.tensor(predict_in(offline, digits_sample)), torch.tensor(digits_reference), atol=1e-6)
+
+
+def test_pypi_uploads_over_its_file_limit_are_warned_about():
+    big = ModelWheel(Path("big_model-0.1.0-py3-none-any.whl"), "big-model", "0.1.0", "0" * 64, PYPI_FILE_LIMIT + 1)
+    small = ModelWheel(big.path, "big-model", "0.1.0", "0" * 64, PYPI_FILE_LIMIT)
+    pypi = Target("https://upload.pypi.org/legacy/", "https://pypi.org/simple/", "__token__", "x")
+    devpi = Target("http://127.0.0.1:3141/nnwheel/models/", "http://127.0.0.1:3141/nnwheel/models/+simple/", "u", "p")
+    warning = oversize_warning(pypi, big)
+    assert warning is not None and "PyPI refuses files over 100 MB" in warning and "nnwheel index start" in warning
+    assert oversize_warning(pypi, small) is None
+    assert oversize_warning(devpi, big) is None
