@@ -375,5 +375,37 @@ def _run_serve(args: argparse.Namespace) -> None:
     )
 
 
+def _add_deploy(commands: argparse._SubParsersAction) -> None:
+    deploy = commands.add_parser(
+        "deploy",
+        help="write a Dockerfile and Kubernetes manifests that serve a model from an index",
+        description="Write DIR/Dockerfile (pip installs NAME==VERSION and nnwheel[serve] from the index and "
+        "runs nnwheel serve as a non-root user, with a HEALTHCHECK) and DIR/kubernetes.yaml (a Deployment "
+        "with probes on the V2 health endpoints and resource limits, a Service and a "
+        "HorizontalPodAutoscaler). Nothing is built or applied.",
+        epilog="example: nnwheel deploy mnist-mlp --index https://devpi.example.com/team/models/+simple/ "
+        "--image registry.example.com/mnist-mlp:0.1.0",
+    )
+    deploy.add_argument("name", metavar="NAME", help="the model's distribution name, e.g. mnist-mlp")
+    deploy.add_argument("--index", required=True, metavar="URL",
+                        help="the package index the image installs from: the URL pip takes as --index-url")
+    deploy.add_argument("--version", help="the model version to deploy (default: the newest on the index)")
+    deploy.add_argument("--out", type=Path, default=Path("deploy"), metavar="DIR",
+                        help="where to write the files (default: %(default)s)")
+    deploy.add_argument("--image", help="the image reference the Deployment runs, in your registry "
+                        "(default: NAME:VERSION)")
+    deploy.set_defaults(run=_run_deploy)
+
+
+def _run_deploy(args: argparse.Namespace) -> None:
+    from .deploy import deploy
+
+    done = deploy(args.name, args.index, args.version, args.out, args.image)
+    dockerfile, manifests = done.files
+    print(f"wrote {dockerfile} and {manifests} for {done.name} {done.version}")
+    print(f"next: docker build -t {done.image} {dockerfile.parent} && docker push {done.image}")
+    print(f"      kubectl apply -f {manifests}")
+
+
 # Each entry adds one sub-command to the parser; they appear in --help in this order.
-COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, _add_index, _add_publish, _add_serve]
+COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, _add_index, _add_publish, _add_serve, _add_deploy]

@@ -1,0 +1,245 @@
+"""nnwheel serve: a real uvicorn server in its own process, serving models pip-installed into a fresh venv."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import Server, make_venv, nnwheel, serving
+
+pytestmark = pytest.mark.e2e
+
+# A model whose rows never meet in a BLAS kernel: each output is an elementwise product summed along the row,
+# so its results do not depend on the batch size, and the server may merge requests exactly.
+ROWWISE_ARCH = '''
+import torch
+from torch import nn
+
+
+class RowWise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 64))
+        self.bias = nn.Parameter(torch.randn(10))
+
+    def forward(self, x):
+        return (x[:, None, :] * self.weight).sum(-1) + self.bias
+'''
+
+
+@pytest.fixture(scope="module")
+def rowwise_wheel(tmp_path_factory) -> Path:
+    import torch
+
+    out = tmp_path_factory.mktemp("rowwise")
+    (out / "rowwise.py").write_text(ROWWISE_ARCH)
+    sys.path.insert(0, str(out))
+    try:
+        from rowwise import RowWise
+    finally:
+        sys.path.remove(str(out))
+    torch.manual_seed(0)
+    torch.save(RowWise().state_dict(), out / "rowwise.pth")
+    result = nnwheel(
+        "wrap", out / "rowwise.pth", "--name", "rowwise-model", "--arch", f"{out / 'rowwise.py'}:RowWise",
+        "--input-shape", "-1,64", "--out", out / "dist",
+    )  # fmt: skip
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, digits_wheel, rowwise_wheel):
+    """A fresh venv with both model wheels pip-installed (their dependencies come from the test environment)."""
+    env = make_venv(tmp_path_factory.mktemp("serve") / "env")
+    env.pip("install", "--no-deps", str(digits_wheel), str(rowwise_wheel))
+    return env
+
+
+def serve_command(env, name: str, *options: str) -> list:
+    return [env.python, "-m", "nnwheel", "serve", name, *options]
+
+
+@pytest.fixture(scope="module")
+def digits_server(env, tmp_path_factory):
+    with serving(serve_command(env, "digits-mlp", "--max-body-mb", "0.1"), tmp_path_factory.mktemp("log")) as server:
+        yield server
+
+
+def predict_in_process(env, module: str, data) -> list:
+    """predict() in a fresh process of the same venv, as a user of the package would call it."""
+    code = f"import json, sys, {module}; print(json.dumps({module}.predict(json.load(sys.stdin)).tolist()))"
+    return json.loads(env.run(code, input=json.dumps(data)).stdout)
+
+
+def predict_each_in_process(env, module: str, inputs: list) -> list:
+    code = f"import json, sys, {module}; print(json.dumps([{module}.predict(x).tolist() for x in json.load(sys.stdin)]))"
+    return json.loads(env.run(code, input=json.dumps(inputs)).stdout)
+
+
+def metrics(server: Server) -> dict[str, float]:
+    """/metrics parsed: every sample line must be `name{labels} value`."""
+    text = httpx.get(f"{server.url}/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            match = re.fullmatch(r'([a-z_]+(?:\{(?:[a-z_]+="(?:[^"\\]|\\.)*",?)*\})?) (-?[0-9.e+-]+)', line)
+            assert match, f"not Prometheus text format: {line!r}"
+            samples[match[1]] = float(match[2])
+    return samples
+
+
+def test_predict_round_trip_equals_predict_in_process(env, digits_server, digits_sample):
+    reply = httpx.post(f"{digits_server.url}/predict", json={"data": digits_sample})
+    assert reply.status_code == 200
+    assert reply.json()["predictions"] == predict_in_process(env, "digits_mlp", digits_sample)
+
+    one_sample = httpx.post(f"{digits_server.url}/predict", json={"data": digits_sample[0]}).json()["predictions"]
+    assert one_sample == predict_in_process(env, "digits_mlp", digits_sample[0])
+    assert np.array(one_sample).shape == (10,)
+
+
+def test_open_inference_protocol_endpoints(env, digits_server, digits_sample):
+    url = digits_server.url
+    assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(f"{url}/v2").json()["name"] == "nnwheel"
+    for model_url in (f"{url}/v2/models/digits-mlp", f"{url}/v2/models/digits-mlp/versions/0.1.0"):
+        assert httpx.get(model_url).json() == {
+            "name": "digits-mlp",
+            "versions": ["0.1.0"],
+            "platform": "nnwheel-torch",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+        }
+        assert httpx.get(f"{model_url}/ready").json() == {"name": "digits-mlp", "ready": True}
+
+    flat = np.array(digits_sample, dtype=np.float32).ravel().tolist()  # V2 sends tensors flat, row-major
+    request = {"id": "req-7", "inputs": [{"name": "input", "shape": [4, 64], "datatype": "FP32", "data": flat}]}
+    for infer_url in (f"{url}/v2/models/digits-mlp/infer", f"{url}/v2/models/digits-mlp/versions/0.1.0/infer"):
+        reply = httpx.post(infer_url, json=request).json()
+        assert reply["model_name"] == "digits-mlp" and reply["model_version"] == "0.1.0" and reply["id"] == "req-7"
+        [output] = reply["outputs"]
+        assert output["name"] == "output" and output["datatype"] == "FP32" and output["shape"] == [4, 10]
+        assert np.array(output["data"]).reshape(4, 10).tolist() == predict_in_process(env, "digits_mlp", digits_sample)
+
+    nested = {"inputs": [{"name": "input", "shape": [4, 64], "datatype": "FP32", "data": digits_sample}], "outputs": [{"name": "output"}]}
+    assert httpx.post(f"{url}/v2/models/digits-mlp/infer", json=nested).json()["outputs"][0]["shape"] == [4, 10]
+
+
+ROW = [0.5] * 64
+BAD_REQUESTS = [
+    ("invalid JSON", "POST", "/predict", b'{"data": [1,', 400, "not valid JSON"),
+    ("no data", "POST", "/predict", {"inputs": ROW}, 400, '{"data": ...}'),
+    ("wrong shape", "POST", "/predict", {"data": [1.0, 2.0]}, 400, "has shape (2,), expected (any, 64)"),
+    ("ragged rows", "POST", "/predict", {"data": [ROW, [1.0]]}, 400, "rectangular"),
+    ("strings", "POST", "/predict", {"data": ["a"] * 64}, 400, "cannot become a float32 array"),
+    ("V2 wrong datatype", "POST", "/v2/models/digits-mlp/infer",
+     {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": [1] * 64}]}, 400, "the model takes FP32"),
+    ("V2 shape and data disagree", "POST", "/v2/models/digits-mlp/infer",
+     {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": ROW}]}, 400, "has 64 values, but shape [2, 64] needs 128"),
+    ("V2 wrong input name", "POST", "/v2/models/digits-mlp/infer",
+     {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}, 400, "the model's inputs are input"),
+    ("V2 no inputs", "POST", "/v2/models/digits-mlp/infer", {"data": ROW}, 400, '{"inputs": ['),
+    ("V2 unknown output", "POST", "/v2/models/digits-mlp/infer",
+     {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ROW}], "outputs": [{"name": "x"}]}, 400, "from output"),
+    ("unknown model", "POST", "/v2/models/mnist/infer", {"inputs": []}, 404, "unknown model mnist: this server serves digits-mlp"),
+    ("unknown version", "GET", "/v2/models/digits-mlp/versions/9.9", None, 404, "unknown model digits-mlp version 9.9"),
+    ("unknown model ready", "GET", "/v2/models/mnist/ready", None, 404, "unknown model mnist"),
+    ("unknown endpoint", "GET", "/v1/models", None, 404, "no such endpoint: /v1/models"),
+    ("wrong method", "GET", "/predict", None, 405, "Method Not Allowed"),
+    ("body over the limit", "POST", "/predict", {"data": [ROW] * 2000}, 413, "larger than the server's limit of 104857 bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "message"), [case[1:] for case in BAD_REQUESTS],
+                         ids=[case[0] for case in BAD_REQUESTS])  # fmt: skip
+def test_bad_requests_get_a_4xx_with_an_error_and_the_server_keeps_serving(digits_server, method, path, body, status, message):
+    content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    reply = httpx.request(method, f"{digits_server.url}{path}", content=content)
+    assert reply.status_code == status
+    assert reply.headers["content-type"] == "application/json"
+    assert message in reply.json()["error"]
+    assert "Traceback" not in reply.text
+    assert httpx.post(f"{digits_server.url}/predict", json={"data": ROW}).status_code == 200
+
+
+def test_streamed_body_over_the_limit_is_refused_without_content_length(digits_server):
+    def chunks():
+        for _ in range(100):
+            yield b" " * 4096  # whitespace: valid JSON padding, 400 KiB in all, no Content-Length
+
+    reply = httpx.post(f"{digits_server.url}/predict", content=chunks())
+    assert reply.status_code == 413 and "limit" in reply.json()["error"]
+
+
+def test_metrics_count_requests_by_status_and_time_them(digits_server):
+    before = metrics(digits_server)
+    ok, bad = '{route="/predict",code="200"}', '{route="/predict",code="400"}'
+    for _ in range(3):
+        httpx.post(f"{digits_server.url}/predict", json={"data": ROW})
+    httpx.post(f"{digits_server.url}/predict", json={"data": [1.0]})
+    after = metrics(digits_server)
+    assert after[f"nnwheel_requests_total{ok}"] - before.get(f"nnwheel_requests_total{ok}", 0) == 3
+    assert after[f"nnwheel_requests_total{bad}"] - before.get(f"nnwheel_requests_total{bad}", 0) == 1
+    count = 'nnwheel_request_duration_seconds_count{route="/predict"}'
+    assert after[count] - before.get(count, 0) == 4
+    assert after['nnwheel_request_duration_seconds_bucket{route="/predict",le="+Inf"}'] == after[count]
+    assert after["nnwheel_batch_rows_count"] - before["nnwheel_batch_rows_count"] == 3  # model calls
+    # The MLP's float kernels round a row differently in different batch sizes: merging would change
+    # results, so the server found that at start and does not merge.
+    assert after['nnwheel_batching_enabled{model="digits-mlp"}'] == 0
+    assert "merging requests would change results" in digits_server.log.read_text()
+
+
+async def post_all(url: str, bodies: list, clients: int) -> list:
+    """POST every body to url from `clients` concurrent connections; the replies in the bodies' order."""
+    replies: list = [None] * len(bodies)
+    queue = list(enumerate(bodies))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue:
+            i, body = queue.pop()
+            replies[i] = (await http.post(url, json=body)).json()["predictions"]
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return replies
+
+
+def random_bodies(count: int) -> list:
+    """Single samples and small batches of random rows: requests of different sizes share model calls."""
+    generator = random.Random(1)
+    rows = lambda n: [[generator.uniform(0, 1) for _ in range(64)] for _ in range(n)]  # noqa: E731
+    return [{"data": rows(1)[0]} if i % 3 == 0 else {"data": rows(generator.randint(1, 5))} for i in range(count)]
+
+
+def test_concurrent_requests_are_batched_and_identical_to_single_calls(env, tmp_path):
+    bodies = random_bodies(300)
+    with serving(serve_command(env, "rowwise-model", "--max-wait-ms", "20"), tmp_path) as server:
+        assert "every row's result is identical in every batch size" in server.log.read_text()
+        alone = [httpx.post(f"{server.url}/predict", json=body).json()["predictions"] for body in bodies[:40]]
+        before = metrics(server)
+        together = asyncio.run(post_all(f"{server.url}/predict", bodies, clients=32))
+        after = metrics(server)
+
+    # Bit for bit (JSON carries every float32 exactly): as the same requests sent one at a time, and as
+    # predict() called once per request in process.
+    assert together[:40] == alone
+    assert together == predict_each_in_process(env, "rowwise_model", [body["data"] for body in bodies])
+    calls = after["nnwheel_batch_rows_count"] - before["nnwheel_batch_rows_count"]
+    rows = after["nnwheel_batch_rows_sum"] - before["nnwheel_batch_rows_sum"]
+    assert rows == sum(1 if i % 3 == 0 else len(b["data"]) for i, b in enumerate(bodies))
+    assert calls < len(bodies) / 2, f"{len(bodies)} concurrent requests took {calls} model calls: no batching"
+    assert after['nnwheel_requests_total{route="/predict",code="200"}'] == 40 + len(bodies)
+    assert after['nnwheel_batching_enabled{model="rowwise-model"}'] == 1
