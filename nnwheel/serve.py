@@ -453,7 +453,8 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family)
     except OSError as error:
-        raise ServeError(f"cannot listen on {host}:{port} ({error.strerror}); stop what uses it or pass another --port") from None
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ServeError(f"cannot listen on {host}:{port} ({reason}); stop what uses it or pass another --port") from None
 
 
 def serve(options: ServeOptions) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Server, make_venv, nnwheel, serving
+from conftest import ROOT, Server, make_venv, nnwheel, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -243,3 +246,87 @@ def test_concurrent_requests_are_batched_and_identical_to_single_calls(env, tmp_
     assert calls < len(bodies) / 2, f"{len(bodies)} concurrent requests took {calls} model calls: no batching"
     assert after['nnwheel_requests_total{route="/predict",code="200"}'] == 40 + len(bodies)
     assert after['nnwheel_batching_enabled{model="rowwise-model"}'] == 1
+
+
+def test_inexact_batching_merges_float_models_and_stays_within_rounding(env, tmp_path):
+    """The guarantee --inexact-batching gives instead: the same results up to float32 rounding, not bit for bit."""
+    bodies = random_bodies(200)
+    with serving(serve_command(env, "digits-mlp", "--inexact-batching", "--max-wait-ms", "20"), tmp_path) as server:
+        before = metrics(server)
+        together = asyncio.run(post_all(f"{server.url}/predict", bodies, clients=32))
+        after = metrics(server)
+    calls = after["nnwheel_batch_rows_count"] - before["nnwheel_batch_rows_count"]
+    assert calls < len(bodies) / 2 and after['nnwheel_batching_enabled{model="digits-mlp"}'] == 1
+    expected = predict_each_in_process(env, "digits_mlp", [body["data"] for body in bodies])
+    for got, want in zip(together, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def http_request(port: int, head: bytes, body: bytes) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", port), timeout=60)
+    connection.sendall(head + f"Content-Length: {len(body)}\r\n\r\n".encode())
+    return connection
+
+
+def read_response(connection: socket.socket) -> tuple[bytes, bytes]:
+    data = b""
+    while chunk := connection.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits_cleanly(env, tmp_path):
+    body = json.dumps({"data": ROW}).encode()
+    with serving(serve_command(env, "digits-mlp"), tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        # Headers and half the body: the request is in flight when SIGTERM arrives.
+        connection = http_request(port, b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n", body)
+        connection.sendall(body[:20])
+        time.sleep(0.5)
+        os.kill(server.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # it stops accepting connections at once
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                time.sleep(0.1)
+            except ConnectionRefusedError:
+                break
+        else:
+            pytest.fail("the server still accepts connections after SIGTERM")
+        assert server.process.poll() is None, "it must wait for the request in flight"
+        connection.sendall(body[20:])
+        head, reply = read_response(connection)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert json.loads(reply)["predictions"] == predict_in_process(env, "digits_mlp", ROW)
+        assert server.process.wait(60) == 0
+    log = server.log.read_text()
+    assert "Finished server process" in log and "Traceback" not in log
+
+
+def test_several_worker_processes_serve_and_stop_on_sigterm(env, tmp_path):
+    with serving(serve_command(env, "digits-mlp", "--workers", "2"), tmp_path) as server:
+        replies = [httpx.post(f"{server.url}/predict", json={"data": ROW}) for _ in range(4)]
+        assert all(reply.json()["predictions"] == replies[0].json()["predictions"] for reply in replies)
+        assert server.stop() == 0
+    assert server.log.read_text().count("Finished server process") == 2
+
+
+def test_unknown_model_is_a_clear_error(env):
+    result = subprocess.run(
+        [str(env.python), "-m", "nnwheel", "serve", "mnist-mlp"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "no installed model named 'mnist-mlp' (installed: digits-mlp, rowwise-model)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(env):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(env.python), "-m", "nnwheel", "serve", "digits-mlp", "--port", str(port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use)" in result.stderr
