@@ -208,10 +208,11 @@ def _check_role(index_dir: Path, config: IndexConfig, secret_file: Path | None) 
             f"{index_dir} belongs to user {credentials.user!r}: "
             f"use --user {credentials.user}, or another --dir for a new index"
         )
-    if config.replica_of and recorded is None and secret_file is None:
+    if config.replica_of and recorded is None and (secret_file is None or not secret_file.is_file()):
+        missing = "" if secret_file is None else f" ({secret_file} does not exist)"
         raise UsageError(
-            "a replica needs its primary's secret: pass --secret-file PRIMARY_DIR/secret "
-            "(copied from the primary's index directory)"
+            f"a replica needs its primary's secret{missing}: pass --secret-file with a copy of "
+            "the primary's DIR/secret"
         )
 
 

@@ -13,24 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE, DevpiIndex, free_port, make_venv, nnwheel, running_devpi, tiny_model_wheel
+from conftest import EXAMPLE, DevpiIndex, free_port, make_resolving_venv, nnwheel, running_devpi, tiny_model_wheel
 from nnwheel.publish import PYPI_FILE_LIMIT, ModelWheel, Target, oversize_warning
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(autouse=True)
-def plain_pip(monkeypatch):
-    """This machine's environment adds a local wheel folder to every pip; installs here must come from the index."""
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-
-
-def fresh_env(path: Path):
-    env = make_venv(path)
-    # The venv's own setuptools (65, from ensurepip) would shadow the test environment's newer one, which torch
-    # requires, and pip could not download a newer one here.
-    env.pip("uninstall", "--yes", "setuptools")
-    return env
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("plain_pip")]
 
 
 def publish(wheel: Path, index: DevpiIndex, *extra: str, password: str | None = None, check: bool = True):
@@ -69,7 +55,7 @@ def test_publish_install_from_the_index_and_predict(devpi, digits_wheel, digits_
     assert f"{digits_wheel.name}: published to {index.url}" in result.stdout
     assert f"pip install --index-url {index.simple_url} digits-mlp" in result.stdout
 
-    env = fresh_env(tmp_path / "env")
+    env = make_resolving_venv(tmp_path / "env")
     env.pip("install", "--index-url", index.simple_url, "digits-mlp")
     assert torch.allclose(torch.tensor(predict_in(env, digits_sample)), torch.tensor(digits_reference), atol=1e-6)
     assert index.served_sha256(digits_wheel.name) == sha256(digits_wheel)
@@ -78,7 +64,7 @@ def test_publish_install_from_the_index_and_predict(devpi, digits_wheel, digits_
 def test_upgrade_to_a_new_version_and_back(devpi, digits_wheel, digits_wheel_v2, tmp_path):
     index = devpi.create_index()
     publish(digits_wheel, index)
-    env = fresh_env(tmp_path / "env")
+    env = make_resolving_venv(tmp_path / "env")
     env.pip("install", "--index-url", index.simple_url, "digits-mlp")
     assert installed_version(env) == "0.1.0"
 
@@ -183,7 +169,7 @@ def test_repository_names_come_from_pypirc(devpi, tmp_path):
 
     unknown = nnwheel("publish", wheel, "--index", "privat", env=env, check=False)
     assert unknown.returncode == 2
-    assert f"error: --index privat: no repository of that name in {home / '.pypirc'} (known: private, pypi, testpypi)" in unknown.stderr
+    assert f"error: --index privat: no repository of that name in {home / '.pypirc'} (known: private, pypi)" in unknown.stderr
 
 
 def test_only_wheels_made_by_nnwheel_are_published(devpi, tmp_path):
@@ -222,7 +208,7 @@ def test_offline_install_from_a_download_folder(devpi, digits_wheel, digits_samp
     )  # fmt: skip
     assert [path.name for path in folder.iterdir()] == [digits_wheel.name]
 
-    offline = fresh_env(tmp_path / "offline")
+    offline = make_resolving_venv(tmp_path / "offline")
     offline.pip("install", "--no-index", "--find-links", str(folder), "digits-mlp")
     assert torch.allclose(torch.tensor(predict_in(offline, digits_sample)), torch.tensor(digits_reference), atol=1e-6)
 
