@@ -269,3 +269,19 @@ def serving(command: list, log_dir: Path, cwd: Path = ROOT) -> Iterator[Server]:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)
             process.wait(60)
+
+
+def make_resolving_venv(path: Path) -> Venv:
+    """A make_venv in which `pip install MODEL` (with its requirements) works: the venv's own setuptools 65
+    from ensurepip would shadow the test environment's newer one that torch requires, and pip cannot
+    download one here."""
+    env = make_venv(path)
+    env.pip("uninstall", "--yes", "setuptools")
+    return env
+
+
+@pytest.fixture
+def plain_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine's environment adds a local wheel folder to every pip (PIP_FIND_LINKS); without it, an
+    install can only come from the index the test names."""
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
