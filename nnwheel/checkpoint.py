@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
 _CHUNK = 1 << 20
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
 
 # Keys under which training scripts commonly nest the model's state_dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
@@ -36,6 +37,8 @@ class Format(str, enum.Enum):
     SAFETENSORS = "safetensors"
     TORCH_EXPORT = "torch_export"  # torch.export.save: an ExportedProgram archive (.pt2)
     TORCHSCRIPT = "torchscript"  # torch.jit.save
+    ONNX = "onnx"  # an ONNX ModelProto, possibly with external data files beside it
+    KERAS = "keras"  # Keras 3 model.save: a .keras zip, or the legacy HDF5 .h5
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,13 @@ def detect_format(path: Path) -> Format:
         return Format.SAFETENSORS
     if head[:1] == b"\x80":  # pickle protocol 2+: torch.save's legacy (non-zip) format
         return Format.STATE_DICT
+    if head.startswith(HDF5_MAGIC):
+        return Format.KERAS
+    if _looks_like_onnx(head):
+        return Format.ONNX
     raise CheckpointError(
         f"{path} is not a checkpoint nnwheel can read (not a torch.save pickle, safetensors, "
-        "torch.export .pt2 or TorchScript archive); it may be corrupt or of another framework"
+        "torch.export .pt2, TorchScript archive, ONNX model or Keras .keras/.h5 file); it may be corrupt"
     )
 
 
@@ -99,9 +106,20 @@ def _detect_zip_format(path: Path) -> Format:
         return Format.TORCHSCRIPT
     if "data.pkl" in members:
         return Format.STATE_DICT
+    if {"config.json", "metadata.json"} <= set(names):  # Keras 3's .keras archive
+        return Format.KERAS
     raise CheckpointError(
-        f"{path} is a zip archive but not one written by torch.save, torch.export.save or torch.jit.save"
+        f"{path} is a zip archive but not one written by torch.save, torch.export.save, torch.jit.save "
+        "or Keras model.save"
     )
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """A serialised ModelProto begins with field 1 (ir_version, a small varint) and then another field of it.
+
+    Only a first guess: reading the graph (nnwheel.onnxfile) fails clearly if the rest is not ONNX.
+    """
+    return len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 0x80 and 2 <= head[2] >> 3 <= 20
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:

@@ -59,10 +59,13 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
     )
     # Shapes such as -1,784 start with "-": let argparse read them as values, not as options.
     wrap._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$")
-    wrap.add_argument("checkpoint", type=Path, help="state_dict (.pth/.pt), safetensors, torch.export .pt2 or TorchScript")
+    wrap.add_argument("checkpoint", type=Path, help="state_dict (.pth/.pt), safetensors, torch.export .pt2, "
+                      "TorchScript, ONNX (.onnx, external data beside it) or Keras (.keras, .h5)")
     wrap.add_argument("--name", required=True, help="distribution name, e.g. mnist-mlp (imported as mnist_mlp)")
     wrap.add_argument("--version", default="0.1.0", help="PEP 440 version (default: %(default)s)")
     wrap.add_argument("--out", type=Path, default=Path("dist"), help="directory for the wheel (default: %(default)s)")
+    wrap.add_argument("--to", choices=["onnx"], help="convert a PyTorch model (state_dict with --arch, or .pt2) to ONNX, "
+                      "checked against torch on the example: the wheel then needs onnxruntime, not torch")
     model = wrap.add_argument_group("architecture (state_dict and safetensors checkpoints)")
     model.add_argument("--arch", metavar="FILE.py:CLASS", help="the nn.Module class the weights belong to")
     model.add_argument("--arch-kwargs", metavar="JSON", help="constructor keyword arguments, e.g. '{\"hidden\": 128}'")
@@ -72,7 +75,7 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
                        help="key of the state_dict inside a training checkpoint (default: detect state_dict, model, ...)")
     model.add_argument("--strip-prefix", metavar="PREFIX",
                        help="prefix to remove from every key (default: detect module. and _orig_mod.)")
-    schema = wrap.add_argument_group("input schema (torch.export programs carry their own)")
+    schema = wrap.add_argument_group("input schema (torch.export, ONNX and Keras models carry their own)")
     schema.add_argument("--example", type=Path, metavar="FILE", help="example input: .npy, or .pt with a tensor or tuple")
     schema.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
                         help="input shape, -1 for any size, e.g. -1,784; repeat once per input")
@@ -117,6 +120,7 @@ def _run_wrap(args: argparse.Namespace) -> None:
         state_dict_key=args.state_dict_key,
         strip_prefix=args.strip_prefix,
         source_dir=args.source_dir,
+        to=args.to,
     )
     print(wrap(request))
 
@@ -140,11 +144,13 @@ def _run_inspect(args: argparse.Namespace) -> None:
         return
     manifest = model.manifest
     print(f"{manifest.name} {manifest.version}  ({model.location})")
-    print(f"  format:       {manifest.format} (runtime: {manifest.runtime}, torch at wrap time: {manifest.torch_version})")
+    torch_note = f", torch at wrap time: {manifest.torch_version}" if manifest.torch_version else ""
+    print(f"  format:       {manifest.format} (runtime: {manifest.runtime}{torch_note})")
     for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
         for spec in specs:
             shape = ", ".join("any" if d == -1 else str(d) for d in spec.shape)
             print(f"  {kind + ':':<13} {spec.name} {spec.dtype} ({shape})")
+    print(f"  returns:      {manifest.output_structure}")
     for weights in manifest.weights:
         print(f"  weights:      {weights.path} {weights.size:,} bytes sha256 {weights.sha256}")
     print(f"  source:       {manifest.source.name} sha256 {manifest.source.sha256}")

@@ -103,3 +103,7 @@ class ServeError(NnwheelError):
 
 class DeployError(NnwheelError):
     """The deployment files cannot be made: the model's version cannot be found on the index."""
+
+
+class ConversionError(NnwheelError):
+    """wrap --to cannot convert the model, or the converted model does not give the same outputs."""

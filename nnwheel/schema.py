@@ -63,16 +63,17 @@ def specs_from_shapes(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]) 
     return [TensorSpec(n, d, s) for n, d, s in zip(input_names(len(shapes)), dtypes, shapes)]
 
 
-def load_example(path: Path) -> list[torch.Tensor]:
-    """Example inputs from a .npy array or a .pt file holding a tensor or a tuple of tensors."""
+def load_example(path: Path) -> list[Any]:
+    """Example inputs from a .npy array (read without torch) or a .pt file holding a tensor or a tuple of tensors."""
     import numpy as np
-    import torch
 
     if not path.is_file():
         raise UsageError(f"--example {path} does not exist")
     try:
         if path.suffix == ".npy":
-            return [torch.from_numpy(np.load(path, allow_pickle=False))]
+            return [np.load(path, allow_pickle=False)]
+        import torch
+
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # numpy and torch raise many kinds for a bad file
         raise UsageError(f"--example {path} cannot be read safely ({error}); use .npy or a .pt of tensors") from None
@@ -82,7 +83,7 @@ def load_example(path: Path) -> list[torch.Tensor]:
     return tensors
 
 
-def specs_from_example(tensors: Sequence[torch.Tensor], batched: bool = True) -> list[TensorSpec]:
+def specs_from_example(tensors: Sequence[Any], batched: bool = True) -> list[TensorSpec]:
     """The example's shapes, with the first (batch) dimension left free."""
     specs = []
     for name, tensor in zip(input_names(len(tensors)), tensors):
@@ -93,7 +94,8 @@ def specs_from_example(tensors: Sequence[torch.Tensor], batched: bool = True) ->
     return specs
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: Any) -> str:
+    """The name of a torch or numpy dtype, e.g. float32."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -101,21 +103,30 @@ def example_for(specs: Sequence[TensorSpec], device: str = "cpu") -> list[torch.
     """Zero inputs of the declared shapes (free dimensions as 2) to learn the outputs from."""
     import torch
 
-    return [
-        torch.zeros(tuple(2 if d == -1 else d for d in spec.shape), dtype=getattr(torch, spec.dtype), device=device)
-        for spec in specs
-    ]
+    return [torch.zeros(_example_shape(spec), dtype=getattr(torch, spec.dtype), device=device) for spec in specs]
+
+
+def numpy_example_for(specs: Sequence[TensorSpec]) -> list[Any]:
+    """example_for as numpy arrays, for runtimes without torch."""
+    import numpy as np
+
+    return [np.zeros(_example_shape(spec), dtype=spec.dtype) for spec in specs]
+
+
+def _example_shape(spec: TensorSpec) -> tuple[int, ...]:
+    return tuple(2 if d == -1 else d for d in spec.shape)
 
 
 def output_schema(result: Any, batched: bool) -> OutputSchema:
-    """Describe what the model returned for the example: a tensor, a tuple of tensors or a dict of tensors."""
-    import torch
+    """Describe what the model returned for the example: a tensor, a tuple of tensors or a dict of tensors.
 
-    if isinstance(result, torch.Tensor):
+    Tensors may be torch tensors or numpy arrays (what predict() gives for numpy inputs).
+    """
+    if _is_array(result):
         return OutputSchema("tensor", (_output_spec("output", result, batched),))
-    if isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in result):
+    if isinstance(result, (tuple, list)) and all(_is_array(t) for t in result):
         return OutputSchema("tuple", tuple(_output_spec(f"output_{i}", t, batched) for i, t in enumerate(result)))
-    if isinstance(result, Mapping) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in result.items()):
+    if isinstance(result, Mapping) and all(isinstance(k, str) and _is_array(t) for k, t in result.items()):
         return OutputSchema("dict", tuple(_output_spec(k, t, batched) for k, t in result.items()))
     raise SchemaError(
         f"the model returned {type(result).__name__}; nnwheel supports a tensor, a tuple of tensors "
@@ -123,7 +134,11 @@ def output_schema(result: Any, batched: bool) -> OutputSchema:
     )
 
 
-def _output_spec(name: str, tensor: torch.Tensor, batched: bool) -> TensorSpec:
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _output_spec(name: str, tensor: Any, batched: bool) -> TensorSpec:
     shape = tuple(tensor.shape)
     if batched and shape:
         shape = (-1, *shape[1:])

@@ -285,3 +285,16 @@ def plain_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     """This machine's environment adds a local wheel folder to every pip (PIP_FIND_LINKS); without it, an
     install can only come from the index the test names."""
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
+    """A fresh environment with only onnxruntime and numpy, where `import torch` fails: what ONNX wheels promise."""
+    env = make_venv(tmp_path_factory.mktemp("torch-free") / "venv", inherit=False)
+    # This machine's pip config (not PIP_CONFIG_FILE=/dev/null): its local wheels make this offline and fast.
+    subprocess.run(
+        [str(env.python), "-m", "pip", "install", "--quiet", "onnxruntime", "numpy"],
+        check=True, capture_output=True, text=True,
+    )
+    assert env.run("import torch", check=False).returncode != 0, "torch must not be importable here"
+    return env
