@@ -72,34 +72,39 @@ def imported_modules(source: Path) -> set[str]:
 def check_local_imports(spec: ArchSpec) -> None:
     """Refuse an architecture that imports a module beside it that --include did not add to the package."""
     included = {path.stem if path.is_file() else path.name for path in spec.includes}
-    sources = [spec.file, *spec.includes]
-    missing = set()
-    for source in sources:
-        for name in imported_modules(source):
-            beside = source.parent if source.is_file() else source.parent
-            local = (beside / f"{name}.py").is_file() or (beside / name / "__init__.py").is_file()
-            if local and name not in included and name != spec.module:
-                missing.add((name, beside))
+    missing: set[Path] = set()
+    for source in [spec.file, *spec.includes]:
+        for name in imported_modules(source) - included - {spec.module}:
+            module, package = source.parent / f"{name}.py", source.parent / name
+            if module.is_file():
+                missing.add(module)
+            elif (package / "__init__.py").is_file():
+                missing.add(package)
     if missing:
-        listed = ", ".join(sorted(f"{name} ({beside / name}.py)" for name, beside in missing))
-        flags = " ".join(f"--include {beside / name}.py" for name, beside in sorted(missing))
+        listed = ", ".join(sorted(path.name for path in missing))
+        flags = " ".join(f"--include {path}" for path in sorted(missing))
         raise ArchitectureError(
-            f"{spec.file} imports local modules that would not be in the package: {listed}. Add them: {flags}"
+            f"{spec.file} imports local modules that would not be in the package ({listed}); add them: {flags}"
         )
 
 
 def third_party_requirements(spec: ArchSpec) -> list[str]:
     """Installed distributions the architecture imports, with a lower bound at their major.minor version."""
     local = {spec.module} | {p.stem if p.is_file() else p.name for p in spec.includes}
+    names = {
+        name
+        for source in [spec.file, *spec.includes]
+        for name in imported_modules(source)
+        if name not in local and name not in sys.stdlib_module_names and name not in _ALWAYS_REQUIRED
+    }
+    if not names:
+        return []  # most architectures import only torch: skip the scan of every installed distribution
     distributions = importlib.metadata.packages_distributions()
     requirements = set()
-    for source in [spec.file, *spec.includes]:
-        for name in imported_modules(source):
-            if name in local or name in sys.stdlib_module_names or name in _ALWAYS_REQUIRED:
-                continue
-            for dist in distributions.get(name, []):
-                version = importlib.metadata.version(dist)
-                requirements.add(f"{dist}>={'.'.join(version.split('.')[:2])}")
+    for name in names:
+        for dist in distributions.get(name, []):
+            version = importlib.metadata.version(dist)
+            requirements.add(f"{dist}>={'.'.join(version.split('.')[:2])}")
     return sorted(requirements)
 
 
