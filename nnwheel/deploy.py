@@ -193,11 +193,8 @@ def deploy(name: str, index_url: str, version: str | None, out_dir: Path, image:
 
 
 def kubernetes_name(name: str) -> str:
-    """The name as a Kubernetes object name: a DNS label that starts with a letter (Services need one)."""
-    label = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if not label[:1].isalpha():
-        label = f"model-{label}"
-    return label[:63].rstrip("-")
+    """The name as a Kubernetes object name, a DNS label (package names already start with a letter)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower())[:63].rstrip("-")
 
 
 def latest_version(index_url: str, name: str) -> str:
