@@ -36,7 +36,7 @@ from .schema import (
     output_schema,
     specs_from_example,
 )
-from .weights import fit_to_model, write_safetensors
+from .weights import copy_weights, fit_to_model, write_safetensors
 
 # Lowest torch each format needs: assign=True in load_state_dict came with 2.1. Exported programs and
 # TorchScript archives load in the torch that wrote them or newer, so their bound is the wrap-time minor.
@@ -112,7 +112,7 @@ def wrap(request: WrapRequest) -> Path:
         if packed.runtime == "keras":
             manifest = replace(manifest, inputs=_keras_inputs(package))
             write_manifest(package, manifest)
-        outputs = _trial_run(package, example or _zeros_for(manifest))
+        outputs = _trial_run(package, manifest, example or _zeros_for(manifest), request.arch)
         if packed.outputs is None:
             schema = output_schema(outputs, is_batched(manifest.inputs))
             manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
@@ -171,7 +171,7 @@ def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path
     model = build_on_meta(model_class, spec)
     fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model_class(**spec.kwargs))
     path = package / "model.safetensors"
-    sha256 = write_safetensors(fitted.tensors, path)
+    sha256 = write_safetensors(fitted.tensors, path, source=checkpoint.path)
     arch = Arch(
         module=spec.module,
         class_name=spec.class_name,
@@ -271,7 +271,8 @@ def _keras_inputs(package: Path) -> tuple[TensorSpec, ...]:
     except Exception as error:
         raise CheckpointError(
             f"Keras cannot load the model ({type(error).__name__}: {error}). nnwheel loads Keras models with "
-            "safe_mode=True, which refuses Lambda layers that carry Python code"
+            "safe_mode=True, which refuses Lambda layers that carry Python code: use built-in layers, or a custom "
+            "layer class registered with keras.saving.register_keras_serializable, and save the model again"
         ) from None
     inputs = getattr(model, "inputs", None)
     if not inputs:
@@ -351,10 +352,8 @@ def _installed_minor(distribution: str, extra: str) -> str:
 
 
 def _copy_weights(source: Path, destination: Path) -> WeightsFile:
-    from .checkpoint import sha256_of
-
-    shutil.copyfile(source, destination)
-    return WeightsFile(destination.name, sha256_of(destination), destination.stat().st_size)
+    sha256 = copy_weights(source, destination)
+    return WeightsFile(destination.name, sha256, destination.stat().st_size)
 
 
 @contextmanager
@@ -376,8 +375,15 @@ def _imported(package: Path) -> Iterator[Any]:
             del sys.modules[key]
 
 
-def _trial_run(package: Path, example: list) -> Any:
-    """Predict once with the rendered package: the output schema, and proof it runs."""
+def _trial_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any:
+    """Predict once with the rendered package: the output schema, and proof it runs.
+
+    Models built from their class, and TorchScript, run on the meta device first: shapes and dtypes without
+    reading a single weight, where the real run would page in all of them. The real run decides whenever the
+    meta run cannot (a forward pass that needs real values) and reports the errors.
+    """
+    if (outputs := _meta_run(package, manifest, example, arch)) is not None:
+        return outputs
     try:
         with _imported(package) as module:
             return module.predict(*example)
@@ -388,6 +394,22 @@ def _trial_run(package: Path, example: list) -> Any:
             f"the model failed on the example input ({type(error).__name__}: {error}); "
             "check --input-shape/--input-dtype or give a real --example"
         ) from None
+
+
+def _meta_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any | None:
+    import torch
+
+    try:
+        if manifest.arch is not None and arch is not None:
+            model = build_on_meta(import_class(package / "_arch", arch), arch)
+        elif manifest.format == Format.TORCHSCRIPT.value:
+            model = torch.jit.load(package / manifest.weights[0].path, map_location="meta")
+        else:
+            return None
+        with torch.inference_mode():
+            return model.eval()(*(tensor.to("meta") for tensor in example))
+    except Exception:  # whatever a model raises on meta tensors, the real run gives the answer
+        return None
 
 
 def _zeros_for(manifest: Manifest) -> list:
