@@ -1,0 +1,211 @@
+"""Each of wrap's fast paths gives the answer of the plain path, on architectures with the awkward parts:
+BatchNorm statistics, an embedding whose weight is tied to the output layer, an LSTM, persistent and
+non-persistent buffers, and two inputs of different dtypes.
+
+Fast paths covered: tensors memory-mapped from the checkpoint are copied from the file rather than through
+the mapping; the output schema comes from a forward pass on the meta device; program files are copied and
+hashed in one pass; predict()'s input checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import nnwheel
+from nnwheel.schema import output_schema
+from nnwheel.weights import copy_weights, fit_to_model, write_safetensors
+
+ARCH = textwrap.dedent('''\
+    import torch
+    from torch import nn
+
+
+    class Tagger(nn.Module):
+        """Token ids (int64) and a per-sample scale (float32) -> (tag logits, sentence vector)."""
+
+        def __init__(self, vocab=50, dim=16):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.lstm = nn.LSTM(dim, dim, batch_first=True)
+            self.norm = nn.BatchNorm1d(dim)
+            self.decode = nn.Linear(dim, vocab)
+            self.decode.weight = self.embed.weight  # tied
+            self.register_buffer("shift", torch.linspace(-1, 1, dim))
+            self.register_buffer("positions", torch.arange(64, dtype=torch.float32) / 64, persistent=False)
+
+        def forward(self, tokens, scale):
+            hidden, _ = self.lstm(self.embed(tokens))
+            hidden = hidden + self.positions[: tokens.shape[1], None]
+            summary = self.norm(hidden.mean(dim=1)) * scale + self.shift
+            return self.decode(hidden), summary
+
+
+    class Picky(nn.Module):
+        """A forward pass that needs real values: the meta run cannot answer, the real run must."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.linear(x)
+            return {"y": y, "positive": (y.sum() > 0).to(torch.int64)}
+    ''')
+INPUTS = ("--input-shape", "-1,7", "--input-dtype", "int64", "--input-shape", "-1,1", "--input-dtype", "float32")
+
+
+@pytest.fixture(scope="module")
+def tagger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A trained-looking Tagger (BatchNorm statistics moved off their defaults) and its architecture file."""
+    directory = tmp_path_factory.mktemp("tagger")
+    (directory / "arch.py").write_text(ARCH)
+    sys.path.insert(0, str(directory))
+    try:
+        from arch import Tagger
+    finally:
+        sys.path.remove(str(directory))
+    torch.manual_seed(0)
+    model = Tagger()
+    for _ in range(3):
+        model(torch.randint(0, 50, (8, 7)), torch.rand(8, 1))
+    model.eval()
+    return directory / "arch.py", model
+
+
+def sample_inputs() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 50, (3, 7), dtype=np.int64), rng.random((3, 1), dtype=np.float32)
+
+
+def reference(model: torch.nn.Module, tokens: np.ndarray, scale: np.ndarray):
+    with torch.inference_mode():
+        return model(torch.from_numpy(tokens), torch.from_numpy(scale))
+
+
+def wrap(tmp_path: Path, checkpoint: Path, *args: str) -> tuple[Path, dict]:
+    project = tmp_path / "project"
+    nnwheel("wrap", checkpoint, "--name", "fast-path", "--out", tmp_path / "dist", "--source-dir", project, *args)
+    return project, json.loads((project / "fast_path" / "nnwheel.json").read_text())
+
+
+def predict_in_new_process(project: Path, *inputs: np.ndarray) -> list:
+    """The generated package's predict(), on numpy arrays and on the same values as nested lists."""
+    code = textwrap.dedent(f"""\
+        import json, sys
+        import numpy as np
+        sys.path.insert(0, {str(project)!r})
+        import fast_path
+        arrays = [np.array(x, dtype=d) for x, d in json.loads(sys.stdin.read())]
+        as_lists = [a.tolist() for a in arrays]
+        from_arrays, from_lists = fast_path.predict(*arrays), fast_path.predict(*as_lists)
+        assert all(np.array_equal(a, b) for a, b in zip(from_arrays, from_lists))
+        one = fast_path.predict(*(a[0] for a in arrays))
+        # batch of one vs batch of three: the same math, in other float blockings
+        assert all(np.allclose(a[0], b, rtol=1e-5, atol=1e-6) for a, b in zip(from_arrays, one))
+        print(json.dumps([o.tolist() for o in from_arrays]))
+    """)
+    payload = json.dumps([[x.tolist(), str(x.dtype)] for x in inputs])
+    result = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def plain_safetensors(checkpoint: Path, model: torch.nn.Module, destination: Path) -> bytes:
+    """The plain path: every tensor read into memory, then written from memory."""
+    state_dict = torch.load(checkpoint, weights_only=True) if checkpoint.suffix == ".pth" else load_file(checkpoint)
+    state_dict = {name: tensor.clone() for name, tensor in state_dict.items()}  # nothing left in a mapping
+    with torch.device("meta"):
+        meta = type(model)()
+    fitted = fit_to_model(state_dict, meta, build_on_cpu=lambda: type(model)())
+    write_safetensors(fitted.tensors, destination)
+    return destination.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
+def test_weights_schema_and_predictions_match_the_plain_path(tmp_path, tagger, kind):
+    arch, model = tagger
+    if kind == "safetensors":
+        checkpoint = tmp_path / "model.safetensors"
+        save_file({k: v.clone() for k, v in model.state_dict().items()}, checkpoint)
+    else:
+        checkpoint = tmp_path / "model.pth"
+        torch.save(model.state_dict(), checkpoint, _use_new_zipfile_serialization=kind == "zip")
+    project, manifest = wrap(tmp_path, checkpoint, "--arch", f"{arch}:Tagger", *INPUTS)
+
+    written = (project / "fast_path" / "model.safetensors").read_bytes()
+    assert written == plain_safetensors(checkpoint, model, tmp_path / "plain.safetensors")
+    assert manifest["weights"][0]["sha256"] == hashlib.sha256(written).hexdigest()
+    stored = load_file(project / "fast_path" / "model.safetensors")
+    assert torch.equal(stored["norm.running_mean"], model.norm.running_mean)
+    assert int(stored["norm.num_batches_tracked"]) == 3
+    assert torch.equal(stored["positions"], model.positions) and "decode.weight" not in stored
+
+    tokens, scale = sample_inputs()
+    expected = reference(model, tokens, scale)
+    schema = output_schema(expected, batched=True)
+    assert manifest["output_structure"] == schema.structure == "tuple"
+    assert manifest["outputs"] == [spec.to_json() for spec in schema.specs]
+    predicted = predict_in_new_process(project, tokens, scale)
+    for got, want in zip(predicted, expected):
+        assert np.array_equal(np.array(got, dtype=np.float32), want.numpy())
+
+
+def test_views_and_non_contiguous_tensors_copy_like_memory(tmp_path):
+    base = torch.arange(4000, dtype=torch.float32)
+    state_dict = {"head": base[:1000], "tail": base[1000:], "turned": base[:2000].view(40, 50).T, "flag": torch.tensor(True)}
+    checkpoint = tmp_path / "views.pth"
+    torch.save(state_dict, checkpoint)
+    mapped = torch.load(checkpoint, weights_only=True, mmap=True)
+    fast = write_safetensors(mapped, tmp_path / "fast.safetensors", source=checkpoint)
+    plain = write_safetensors({k: v.clone() for k, v in mapped.items()}, tmp_path / "plain.safetensors")
+    assert fast == plain
+    assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+
+
+def test_data_dependent_forward_falls_back_to_the_real_run(tmp_path, tagger):
+    arch, _ = tagger
+    sys.path.insert(0, str(arch.parent))
+    try:
+        from arch import Picky
+    finally:
+        sys.path.remove(str(arch.parent))
+    model = Picky().eval()
+    torch.save(model.state_dict(), tmp_path / "picky.pth")
+    _, manifest = wrap(tmp_path, tmp_path / "picky.pth", "--arch", f"{arch}:Picky", "--input-shape", "-1,4")
+    expected = output_schema(model(torch.zeros(2, 4)), batched=True)
+    assert manifest["output_structure"] == "dict"
+    assert manifest["outputs"] == [spec.to_json() for spec in expected.specs]
+
+
+def test_torchscript_schema_from_meta_matches_the_real_run_and_the_copy_is_exact(tmp_path, tagger):
+    _, model = tagger
+    tokens, scale = sample_inputs()
+    checkpoint = tmp_path / "tagger.ts.pt"
+    torch.jit.save(torch.jit.trace(model, (torch.from_numpy(tokens), torch.from_numpy(scale))), checkpoint)
+    project, manifest = wrap(tmp_path, checkpoint, *INPUTS)
+
+    copied = project / "fast_path" / manifest["weights"][0]["path"]
+    assert copied.read_bytes() == checkpoint.read_bytes()
+    assert manifest["weights"][0]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    expected = reference(torch.jit.load(checkpoint), tokens, scale)
+    assert manifest["outputs"] == [spec.to_json() for spec in output_schema(expected, batched=True).specs]
+    predicted = predict_in_new_process(project, tokens, scale)
+    for got, want in zip(predicted, expected):
+        assert np.array_equal(np.array(got, dtype=np.float32), want.numpy())
+
+
+def test_copy_weights_hashes_what_it_wrote(tmp_path):
+    source = tmp_path / "weights.bin"
+    source.write_bytes(np.random.default_rng(0).bytes(3 * (1 << 20) + 17))  # several chunks and a partial one
+    digest = copy_weights(source, tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
+    assert digest == hashlib.sha256(source.read_bytes()).hexdigest()
