@@ -11,7 +11,18 @@ from typing import Any
 import torch
 
 
+# id(model) -> the device load() put it on. Finding it from the model's parameters at each call would cost
+# more than everything else predict() adds to a small model's forward pass.
+_devices: dict[int, torch.device] = {}
+
+
 def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
+    model = _load(manifest, package_files, device)
+    _devices[id(model)] = torch.device(device)
+    return model
+
+
+def _load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
     weights = package_files.joinpath(manifest["weights"][0]["path"])
     with as_file(weights) as path:  # an installed wheel's files are real files: no copy is made
         if manifest["format"] == "torch_export":
@@ -55,19 +66,11 @@ def _import_class(package_files: Traversable, arch: dict[str, Any]) -> type:
 
 
 def run(model: Any, values: list[Any]) -> Any:
-    device = _device_of(model)
-    tensors = [torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for v in values]
+    device = _devices[id(model)]
+    tensors = [(v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device) for v in values]
     with torch.inference_mode():
-        return model(*(t.to(device) for t in tensors))
-
-
-def _device_of(model: Any) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
+        return model(*tensors)
 
 
 def to_numpy(output: Any) -> Any:
-    return output.detach().cpu().numpy()
+    return output.numpy(force=True)  # detach() and cpu() in one call
