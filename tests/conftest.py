@@ -92,9 +92,8 @@ def digits_sample() -> list:
     return json.loads((EXAMPLE / "sample-input.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def digits_reference(digits_sample: list) -> list:
-    """The original model's outputs on the sample, computed the plain way: build on CPU, load_state_dict."""
+def digits_model():
+    """The bundled example's model, built the plain way: on CPU, then load_state_dict."""
     import torch
 
     sys.path.insert(0, str(EXAMPLE))
@@ -104,8 +103,16 @@ def digits_reference(digits_sample: list) -> list:
         sys.path.remove(str(EXAMPLE))
     model = DigitsMLP()
     model.load_state_dict(torch.load(EXAMPLE / "model.pth", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_reference(digits_sample: list) -> list:
+    """The original model's outputs on the sample, computed the plain way."""
+    import torch
+
     with torch.no_grad():
-        return model.eval()(torch.tensor(digits_sample)).tolist()
+        return digits_model()(torch.tensor(digits_sample)).tolist()
 
 
 # --- A real devpi-server for publish/install tests -------------------------------------------------

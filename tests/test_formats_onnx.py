@@ -11,23 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXAMPLE, ROOT, Venv, nnwheel
+from conftest import EXAMPLE, ROOT, Venv, digits_model, nnwheel
 
 pytestmark = pytest.mark.e2e
 
 # ONNX Runtime and torch sum in different orders; this is the tolerance wrap --to onnx promises.
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def digits_model() -> torch.nn.Module:
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        from model import DigitsMLP
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    model = DigitsMLP()
-    model.load_state_dict(torch.load(EXAMPLE / "model.pth", weights_only=True))
-    return model.eval()
 
 
 def nnwheel_without_torch(*args: object) -> subprocess.CompletedProcess:
