@@ -397,6 +397,8 @@ def _trial_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec 
 
 
 def _meta_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any | None:
+    if manifest.runtime != "torch":  # ONNX models are wrapped without torch
+        return None
     import torch
 
     try:
