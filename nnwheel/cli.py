@@ -53,7 +53,7 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
     wrap = commands.add_parser(
         "wrap",
         help="turn a checkpoint into an installable model wheel",
-        description="Turn a PyTorch checkpoint into a wheel that `pip install` installs and "
+        description="Turn a trained model (PyTorch, ONNX or Keras) into a wheel that `pip install` installs and "
         "`from NAME import predict` runs. Prints the wheel's path as the last line.",
         epilog="example: nnwheel wrap model.pth --name mnist-mlp --arch model.py:MLP --input-shape -1,784",
     )
