@@ -8,7 +8,6 @@ against the manifest, which costs a full read of the weights, so it is not done 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -68,6 +67,7 @@ def predict(*inputs: Any, device: str | None = None) -> Any:
 
 def verify() -> None:
     """Re-hash every installed weights file against the manifest; raise IntegrityError on any difference."""
+    import hashlib  # here, not at the top: it loads OpenSSL, a large share of `import` time otherwise
     for entry in _MANIFEST["weights"]:
         digest = hashlib.sha256()
         with files(__name__).joinpath(entry["path"]).open("rb") as file:

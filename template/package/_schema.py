@@ -6,12 +6,10 @@ batch dimension is accepted too: it is run as a batch of one and the outputs com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 
-@dataclass
-class Prepared:
+class Prepared(NamedTuple):  # not a dataclass: importing dataclasses costs more than the rest of the package
     values: list[Any]  # numpy arrays or torch tensors, in the schema's order
     as_tensors: bool  # the caller passed tensors, so outputs stay tensors
     unbatched: bool  # a single sample was given: outputs drop the batch dimension
