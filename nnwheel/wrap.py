@@ -378,11 +378,13 @@ def _imported(package: Path) -> Iterator[Any]:
 def _trial_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any:
     """Predict once with the rendered package: the output schema, and proof it runs.
 
-    Models built from their class, and TorchScript, run on the meta device first: shapes and dtypes without
-    reading a single weight, where the real run would page in all of them. The real run decides whenever the
-    meta run cannot (a forward pass that needs real values) and reports the errors.
+    Large models built from their class, and TorchScript, run on the meta device first: shapes and dtypes
+    without reading a single weight, where the real run would page in all of them. Small ones skip it: the
+    first meta run imports much of torch._dynamo (about a second), more than their real run costs. The real
+    run decides whenever the meta run cannot (a forward pass that needs real values) and reports the errors.
     """
-    if (outputs := _meta_run(package, manifest, example, arch)) is not None:
+    large = sum(weights.size for weights in manifest.weights) > META_RUN_ABOVE_BYTES
+    if large and (outputs := _meta_run(package, manifest, example, arch)) is not None:
         return outputs
     try:
         with _imported(package) as module:
@@ -394,6 +396,9 @@ def _trial_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec 
             f"the model failed on the example input ({type(error).__name__}: {error}); "
             "check --input-shape/--input-dtype or give a real --example"
         ) from None
+
+
+META_RUN_ABOVE_BYTES = 256 << 20
 
 
 def _meta_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any | None:

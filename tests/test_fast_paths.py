@@ -209,3 +209,30 @@ def test_copy_weights_hashes_what_it_wrote(tmp_path):
     digest = copy_weights(source, tmp_path / "copy.bin")
     assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
     assert digest == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, kind):
+    """Small models take the real run at wrap time; large ones the meta run, which must give the same schema."""
+    from nnwheel.arch import parse_arch
+    from nnwheel.manifest import Manifest
+    from nnwheel.schema import example_for
+    from nnwheel.wrap import META_RUN_ABOVE_BYTES, _meta_run
+
+    arch_file, model = tagger
+    if kind == "state_dict":
+        torch.save(model.state_dict(), tmp_path / "tagger.pth")
+        arch_option = f"{arch_file}:Tagger"
+        project, written = wrap(tmp_path, tmp_path / "tagger.pth", "--arch", arch_option, *INPUTS)
+        arch = parse_arch(arch_option, None, [])
+    else:  # the tagger's LSTM has no meta kernel in TorchScript (its wraps take the real run): a simpler net
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU()).eval()
+        torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
+        project, written = wrap(tmp_path, tmp_path / "net.pt", "--input-shape", "-1,4")
+        arch = None
+    manifest = Manifest.from_json(json.dumps(written))
+    assert sum(w.size for w in manifest.weights) < META_RUN_ABOVE_BYTES, "the wheel's schema came from the real run"
+    meta_outputs = _meta_run(project / "fast_path", manifest, example_for(manifest.inputs), arch)
+    assert meta_outputs is not None, "the meta run could not answer for this model"
+    schema = output_schema(meta_outputs, batched=True)
+    assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])

@@ -140,8 +140,8 @@ def test_importing_the_package_does_not_import_torch(installed):
 
 def test_concurrent_first_calls_load_once(installed, digits_sample):
     code = f"""
-import threading, digits_mlp
-from digits_mlp import _runtime
+import importlib, threading, digits_mlp
+_runtime = importlib.import_module("digits_mlp._runtime")
 calls = []
 original = _runtime.load
 def counting_load(*args):

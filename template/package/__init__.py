@@ -8,6 +8,7 @@ against the manifest, which costs a full read of the weights, so it is not done 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import threading
@@ -21,8 +22,10 @@ _MANIFEST = json.loads(files(__name__).joinpath("nnwheel.json").read_text(encodi
 DEVICE_VARIABLE = f"{__name__.upper()}_DEVICE"
 
 __version__ = _MANIFEST["version"]
+_BATCHED = _schema.is_batched(_MANIFEST["inputs"])
 
 _models: dict[str, Any] = {}
+_runtime: Any = None  # the runtime module (torch, onnxruntime, ...), imported by the first load()
 _load_lock = threading.Lock()
 
 
@@ -44,8 +47,8 @@ def load(device: str | None = None) -> Any:
             model = _models.get(device)
             if model is None:
                 _check_sizes()
-                from . import _runtime
-
+                global _runtime
+                _runtime = importlib.import_module("._runtime", __name__)
                 model = _models[device] = _runtime.load(_MANIFEST, files(__name__), device)
     return model
 
@@ -57,12 +60,9 @@ def predict(*inputs: Any, device: str | None = None) -> Any:
     or a dict. A single sample without the batch dimension is accepted when the model is batched; the
     outputs then come without it too. Raises ValueError when an input's rank, shape or dtype does not fit.
     """
-    prepared = _schema.prepare(inputs, _MANIFEST["inputs"])
+    prepared = _schema.prepare(inputs, _MANIFEST["inputs"], _BATCHED)
     model = load(device)
-    from . import _runtime
-
-    outputs = _runtime.run(model, prepared.values)
-    return _schema.finish(outputs, prepared, _runtime.to_numpy)
+    return _schema.finish(_runtime.run(model, prepared.values), prepared, _runtime.to_numpy)
 
 
 def verify() -> None:

@@ -67,7 +67,10 @@ def _import_class(package_files: Traversable, arch: dict[str, Any]) -> type:
 
 def run(model: Any, values: list[Any]) -> Any:
     device = _devices[id(model)]
-    tensors = [(v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(device) for v in values]
+    tensors = [v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for v in values]
+    for i, tensor in enumerate(tensors):
+        if tensor.device != device:  # cheaper than an unconditional .to(), which costs a microsecond
+            tensors[i] = tensor.to(device)
     with torch.inference_mode():
         return model(*tensors)
 

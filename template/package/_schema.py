@@ -15,30 +15,46 @@ class Prepared(NamedTuple):  # not a dataclass: importing dataclasses costs more
     unbatched: bool  # a single sample was given: outputs drop the batch dimension
 
 
-def prepare(inputs: tuple[Any, ...], specs: list[dict[str, Any]]) -> Prepared:
+def is_batched(specs: list[dict[str, Any]]) -> bool:
+    return all(spec["shape"][:1] == [-1] for spec in specs)
+
+
+def prepare(inputs: tuple[Any, ...], specs: list[dict[str, Any]], batched: bool) -> Prepared:
     if len(inputs) != len(specs):
         names = ", ".join(spec["name"] for spec in specs)
         raise ValueError(f"predict() takes {len(specs)} input(s) ({names}), got {len(inputs)}")
-    # This runs on every predict(): plain loops and lists, as each generator expression costs about a
+    # This runs on every predict(): plain loops, no generator expressions or sets, as each costs about a
     # microsecond, a noticeable share of a small model's forward pass.
-    values, as_tensors = [], False
+    values, as_tensors, unbatched = [], False, None
     for value, spec in zip(inputs, specs):
         if _is_tensor(value):
             as_tensors = True
-        else:
+        elif type(value) is not _ndarray():
             value = _to_array(value, spec)
+        single = _check(value, spec, batched)
+        if unbatched is not None and single != unbatched:
+            raise ValueError("give every input with its batch dimension, or every input without it, not a mix")
+        unbatched = single
         values.append(value)
-    batched = all([spec["shape"][:1] == [-1] for spec in specs])
-    unbatched = {_check(value, spec, batched) for value, spec in zip(values, specs)}
-    if len(unbatched) > 1:
-        raise ValueError("give every input with its batch dimension, or every input without it, not a mix")
-    if True in unbatched:
+    if unbatched:
         values = [value[None] for value in values]
-    return Prepared(values, as_tensors, True in unbatched)
+    return Prepared(values, as_tensors, bool(unbatched))
 
 
 def _is_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
+
+
+def _ndarray() -> type:
+    global _NDARRAY
+    if _NDARRAY is None:  # numpy is imported on the first predict(), not with the package
+        import numpy
+
+        _NDARRAY = numpy.ndarray
+    return _NDARRAY
+
+
+_NDARRAY: type | None = None
 
 
 def _to_array(value: Any, spec: dict[str, Any]) -> Any:
