@@ -45,7 +45,6 @@ class Format(str, enum.Enum):
 class Checkpoint:
     path: Path
     format: Format
-    sha256: str
     size: int
 
     @property
@@ -62,7 +61,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path} is empty: the checkpoint was not saved completely; save it again")
-    return Checkpoint(path=path, format=detect_format(path), sha256=sha256_of(path), size=size)
+    return Checkpoint(path=path, format=detect_format(path), size=size)
 
 
 def sha256_of(path: Path) -> str:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .arch import ArchSpec, build_on_meta, check_local_imports, copy_sources, import_class, third_party_requirements
-from .checkpoint import Checkpoint, Format, load_state_dict, read_checkpoint
+from .checkpoint import Checkpoint, Format, load_state_dict, read_checkpoint, sha256_of
 from .errors import CheckpointError, ConversionError, MissingDependencyError, OutputError, SchemaError, UsageError
 from .manifest import Arch, Manifest, Source, WeightsFile
 from .names import parse_package_name, parse_version
@@ -86,7 +87,9 @@ def wrap(request: WrapRequest) -> Path:
     checkpoint = read_checkpoint(request.checkpoint)
     _check_conversion(checkpoint, request.to)
 
-    with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
+        # Hash the source on the second core while torch is imported and the weights are written.
+        source_sha256 = hasher.submit(sha256_of, checkpoint.path)
         project = Path(tmp) / "project"
         package = project / names.import_name
         package.mkdir(parents=True)
@@ -103,7 +106,7 @@ def wrap(request: WrapRequest) -> Path:
             inputs=packed.inputs,
             outputs=packed.outputs.specs if packed.outputs else (),
             output_structure=packed.outputs.structure if packed.outputs else "tensor",
-            source=Source(checkpoint.path.name, checkpoint.sha256, checkpoint.size),
+            source=Source(checkpoint.path.name, source_sha256.result(), checkpoint.size),
             nnwheel_version=__version__,
             torch_version=None if packed.runtime == "onnxruntime" else _torch_version(),
             arch=packed.arch,
