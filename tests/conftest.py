@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ import venv
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -92,16 +94,28 @@ def digits_sample() -> list:
     return json.loads((EXAMPLE / "sample-input.json").read_text())
 
 
+def load_module(source: Path) -> ModuleType:
+    """A model's architecture file, imported the plain way for a reference model. Each file gets its own
+    module name, so tests whose files share a name (model.py, arch.py) never see each other's classes."""
+    name = f"_reference_{source.stem}_{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(source.parent))  # for the file's own imports of its siblings
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(source.parent))
+    sys.modules[name] = module
+    return module
+
+
 def digits_model():
     """The bundled example's model, built the plain way: on CPU, then load_state_dict."""
     import torch
 
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        from model import DigitsMLP
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    model = DigitsMLP()
+    model = load_module(EXAMPLE / "model.py").DigitsMLP()
     model.load_state_dict(torch.load(EXAMPLE / "model.pth", weights_only=True))
     return model.eval()
 

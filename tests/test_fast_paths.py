@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import nnwheel
+from conftest import load_module, nnwheel
 from nnwheel.schema import output_schema
 from nnwheel.weights import copy_weights, fit_to_model, write_safetensors
 
@@ -69,13 +69,8 @@ def tagger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Mod
     """A trained-looking Tagger (BatchNorm statistics moved off their defaults) and its architecture file."""
     directory = tmp_path_factory.mktemp("tagger")
     (directory / "arch.py").write_text(ARCH)
-    sys.path.insert(0, str(directory))
-    try:
-        from arch import Tagger
-    finally:
-        sys.path.remove(str(directory))
     torch.manual_seed(0)
-    model = Tagger()
+    model = load_module(directory / "arch.py").Tagger()
     for _ in range(3):
         model(torch.randint(0, 50, (8, 7)), torch.rand(8, 1))
     model.eval()
@@ -173,12 +168,7 @@ def test_views_and_non_contiguous_tensors_copy_like_memory(tmp_path):
 
 def test_data_dependent_forward_falls_back_to_the_real_run(tmp_path, tagger):
     arch, _ = tagger
-    sys.path.insert(0, str(arch.parent))
-    try:
-        from arch import Picky
-    finally:
-        sys.path.remove(str(arch.parent))
-    model = Picky().eval()
+    model = load_module(arch).Picky().eval()
     torch.save(model.state_dict(), tmp_path / "picky.pth")
     _, manifest = wrap(tmp_path, tmp_path / "picky.pth", "--arch", f"{arch}:Picky", "--input-shape", "-1,4")
     expected = output_schema(model(torch.zeros(2, 4)), batched=True)

@@ -6,29 +6,20 @@ The installed package must give the original model's outputs (atol 1e-6) for eve
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import EXAMPLE, make_venv, nnwheel
-
-sys.path.insert(0, str(EXAMPLE))
-from model import DigitsMLP  # noqa: E402
-
-sys.path.remove(str(EXAMPLE))
-
+from conftest import EXAMPLE, digits_model, make_venv, nnwheel
 
 @pytest.fixture(scope="module")
-def original() -> DigitsMLP:
-    model = DigitsMLP()
-    model.load_state_dict(torch.load(EXAMPLE / "model.pth", weights_only=True))
-    return model.eval()
+def original() -> torch.nn.Module:
+    return digits_model()
 
 
-def _checkpoint(kind: str, model: DigitsMLP, directory: Path) -> tuple[Path, list[str]]:
+def _checkpoint(kind: str, model: torch.nn.Module, directory: Path) -> tuple[Path, list[str]]:
     """Save the model in one format; return the file and the wrap options it needs."""
     arch = ["--arch", f"{EXAMPLE / 'model.py'}:DigitsMLP", "--input-shape", "-1,64"]
     if kind == "state_dict":

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, Venv, make_resolving_venv, nnwheel
+from conftest import ROOT, Venv, load_module, make_resolving_venv, nnwheel
 
 pytestmark = pytest.mark.e2e
 
@@ -58,12 +57,7 @@ CASES = [
 
 
 def load_arch(directory: Path):
-    sys.path.insert(0, str(directory))
-    try:
-        import scorer
-    finally:
-        sys.path.remove(str(directory))
-    return scorer
+    return load_module(directory / "scorer.py")
 
 
 def wrap_args(fmt: str, structure: str, sources: Path) -> list:

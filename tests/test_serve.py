@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, Server, make_venv, nnwheel, serving
+from conftest import ROOT, Server, load_module, make_venv, nnwheel, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -46,13 +45,8 @@ def rowwise_wheel(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("rowwise")
     (out / "rowwise.py").write_text(ROWWISE_ARCH)
-    sys.path.insert(0, str(out))
-    try:
-        from rowwise import RowWise
-    finally:
-        sys.path.remove(str(out))
     torch.manual_seed(0)
-    torch.save(RowWise().state_dict(), out / "rowwise.pth")
+    torch.save(load_module(out / "rowwise.py").RowWise().state_dict(), out / "rowwise.pth")
     result = nnwheel(
         "wrap", out / "rowwise.pth", "--name", "rowwise-model", "--arch", f"{out / 'rowwise.py'}:RowWise",
         "--input-shape", "-1,64", "--out", out / "dist",
