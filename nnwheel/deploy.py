@@ -169,7 +169,7 @@ class Deployment:
 def deploy(name: str, index_url: str, version: str | None, out_dir: Path, image: str | None) -> Deployment:
     package = parse_package_name(name)
     if not index_url.startswith(("http://", "https://")):
-        raise UsageError(f"--index {index_url!r}: give the http(s) URL pip installs from, e.g. https://pypi.org/simple")
+        raise UsageError(f"--index {index_url!r}: give the http(s) URL pip installs from, e.g. https://devpi.example.com/team/models/+simple/")
     version = parse_version(version) if version else latest_version(index_url, name)
     object_name = kubernetes_name(name)
     image = image or f"{object_name}:{version}"
