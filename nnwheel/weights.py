@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import ArchitectureError
+from .progress import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -124,7 +125,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: P
     header = json.dumps(layout, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
     regions = _mapped_regions(source) if source is not None else []
-    with _HashingWriter(path) as out, contextlib.ExitStack() as stack:
+    with _HashingWriter(path, f"writing {path.name}", 8 + len(header) + offset) as out, contextlib.ExitStack() as stack:
         reader = stack.enter_context(source.open("rb")) if regions else None
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
@@ -139,15 +140,17 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: P
 
 def copy_weights(source: Path, destination: Path) -> str:
     """Copy a weights file as it is, in one pass that also hashes it; return its sha256."""
-    with _HashingWriter(destination) as out, source.open("rb") as reader:
-        out.copy_from(reader, 0, source.stat().st_size)
+    size = source.stat().st_size
+    with _HashingWriter(destination, f"copying {source.name}", size) as out, source.open("rb") as reader:
+        out.copy_from(reader, 0, size)
     return out.hexdigest()
 
 
 class _HashingWriter:
-    """A file written in chunks, each hashed on a second core while the next is written."""
+    """A file written in chunks, each hashed on a second core while the next is written; progress on a terminal."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, label: str, total: int) -> None:
+        self._progress = Progress(total, label)
         self._file = path.open("wb")
         self._digest = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(max_workers=1)
@@ -176,6 +179,7 @@ class _HashingWriter:
         self._wait()
         self._pending = self._hasher.submit(self._digest.update, chunk)
         self._file.write(chunk)
+        self._progress.advance(len(chunk))
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -186,6 +190,7 @@ class _HashingWriter:
         return self._digest.hexdigest()
 
     def __enter__(self) -> _HashingWriter:
+        self._progress.__enter__()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -194,6 +199,7 @@ class _HashingWriter:
         finally:
             self._hasher.shutdown()
             self._file.close()
+            self._progress.__exit__(*exc_info)
 
 
 def _mapped_regions(source: Path) -> list[tuple[int, int, int]]:
