@@ -207,7 +207,7 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, kind):
     from nnwheel.arch import parse_arch
     from nnwheel.manifest import Manifest
     from nnwheel.schema import example_for
-    from nnwheel.wrap import META_RUN_ABOVE_BYTES, _meta_run
+    from nnwheel.trial import META_RUN_ABOVE_BYTES, meta_run
 
     arch_file, model = tagger
     if kind == "state_dict":
@@ -222,7 +222,7 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, kind):
         arch = None
     manifest = Manifest.from_json(json.dumps(written))
     assert sum(w.size for w in manifest.weights) < META_RUN_ABOVE_BYTES, "the wheel's schema came from the real run"
-    meta_outputs = _meta_run(project / "fast_path", manifest, example_for(manifest.inputs), arch)
+    meta_outputs = meta_run(project / "fast_path", manifest, example_for(manifest.inputs), arch)
     assert meta_outputs is not None, "the meta run could not answer for this model"
     schema = output_schema(meta_outputs, batched=True)
     assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])

@@ -1,0 +1,192 @@
+"""What goes into the model package for each checkpoint format: weights, input schema, requirements, runtime.
+
+Weights-only formats (state_dict, safetensors) are fitted to their --arch class and written as safetensors;
+programs (torch.export, TorchScript), ONNX and Keras files are copied as they are, hashed while copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .arch import build_on_meta, check_local_imports, copy_sources, import_class, third_party_requirements
+from .checkpoint import Checkpoint, Format, load_state_dict
+from .errors import MissingDependencyError, SchemaError, UsageError
+from .manifest import Arch, WeightsFile
+from .schema import OutputSchema, TensorSpec, dtype_name, specs_from_example
+from .weights import copy_weights, fit_to_model, write_safetensors
+
+if TYPE_CHECKING:
+    from .wrap import WrapRequest
+
+
+# Lowest torch each format needs: assign=True in load_state_dict came with 2.1. Exported programs and
+# TorchScript archives load in the torch that wrote them or newer, so their bound is the wrap-time minor.
+_STATE_DICT_TORCH = "2.1"
+
+
+_KERAS_TORCH = "2.1"  # the oldest torch Keras 3's torch backend supports
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What a format handler put into the package."""
+
+    weights: tuple[WeightsFile, ...]
+    inputs: tuple[TensorSpec, ...]
+    requirements: tuple[str, ...]
+    arch: Arch | None = None
+    runtime: str = "torch"  # which template/package/_runtime_<runtime>.py runs it
+    outputs: OutputSchema | None = None  # known from the file (ONNX); otherwise learnt from the trial run
+
+
+def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> Packed:
+    if checkpoint.needs_arch:
+        return _pack_state_dict(checkpoint, request, package, example)
+    if request.arch is not None:
+        raise UsageError(f"{checkpoint.path} is a {checkpoint.format.value} program with its own code; drop --arch")
+    if checkpoint.format in (Format.ONNX, Format.KERAS) and request.input_specs:
+        raise UsageError(f"{checkpoint.path} is a {checkpoint.format.value} model with its own input schema; "
+                         "drop --input-shape/--input-dtype")
+    if checkpoint.format is Format.ONNX:
+        return pack_onnx(checkpoint.path, package, structure=None)
+    if checkpoint.format is Format.KERAS:
+        return _pack_keras(checkpoint.path, package)
+    torch_minor = ".".join(torch_version().split(".")[:2])
+    weights_name = "model.pt2" if checkpoint.format is Format.TORCH_EXPORT else "model.torchscript.pt"
+    weights = _copy_weights(checkpoint.path, package / weights_name)
+    if checkpoint.format is Format.TORCH_EXPORT:
+        inputs = _export_input_specs(checkpoint.path)
+    else:
+        inputs = _declared_inputs(request, example, checkpoint)
+    return Packed(weights=(weights,), inputs=inputs, requirements=(f"torch>={torch_minor}", "numpy>=1.22"))
+
+
+def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> Packed:
+    # Reading first: a pickle that is not a plain state_dict is refused before anything else is said.
+    state_dict = load_state_dict(checkpoint, key=request.state_dict_key, strip_prefix=request.strip_prefix)
+    if request.arch is None:
+        raise UsageError(
+            f"{checkpoint.path} holds only weights ({checkpoint.format.value}); say which class they belong to "
+            "with --arch FILE.py:CLASS (and --arch-kwargs JSON if its constructor needs arguments)"
+        )
+    spec = request.arch
+    check_local_imports(spec)
+    copy_sources(spec, package / "_arch")
+    model_class = import_class(package / "_arch", spec)
+    model = build_on_meta(model_class, spec)
+    fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model_class(**spec.kwargs))
+    path = package / "model.safetensors"
+    sha256 = write_safetensors(fitted.tensors, path, source=checkpoint.path)
+    arch = Arch(
+        module=spec.module,
+        class_name=spec.class_name,
+        kwargs=spec.kwargs,
+        tied=fitted.tied,
+        non_persistent_buffers=fitted.non_persistent_buffers,
+    )
+    return Packed(
+        weights=(WeightsFile(path.name, sha256, path.stat().st_size),),
+        inputs=_declared_inputs(request, example, checkpoint),
+        requirements=(
+            f"torch>={_STATE_DICT_TORCH}",
+            "safetensors>=0.4.3",
+            "numpy>=1.22",
+            *third_party_requirements(spec),
+        ),
+        arch=arch,
+    )
+
+
+def _declared_inputs(request: WrapRequest, example: list | None, checkpoint: Checkpoint) -> tuple[TensorSpec, ...]:
+    if example is not None and request.input_specs:
+        raise UsageError("give --example or --input-shape, not both")
+    if example is not None:
+        return tuple(specs_from_example(example))
+    if request.input_specs:
+        return request.input_specs
+    raise UsageError(
+        f"the input schema of {checkpoint.path.name} cannot be read from a {checkpoint.format.value} file: "
+        "give --input-shape (e.g. -1,784) with --input-dtype, or --example FILE (.npy or .pt)"
+    )
+
+
+def _export_input_specs(path: Path) -> tuple[TensorSpec, ...]:
+    """The exported program's own input schema: a symbolic (dynamic) dimension becomes -1."""
+    import torch
+
+    program = torch.export.load(path)
+    user_inputs = set(program.graph_signature.user_inputs)
+    specs = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            value = node.meta["val"]
+            if not isinstance(value, torch.Tensor):
+                raise SchemaError(f"input {node.name!r} of {path.name} is not a tensor; nnwheel supports tensor inputs")
+            shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
+            specs.append(TensorSpec(node.name, dtype_name(value.dtype), shape))
+    return tuple(specs)
+
+
+def pack_onnx(source: Path, package: Path, structure: str | None) -> Packed:
+    """model.onnx and its external data files, copied whole; the schema is the graph's.
+
+    Several outputs come back as a dict keyed by their graph names, unless `structure` (the PyTorch
+    model's, for --to onnx) says otherwise.
+    """
+    from .onnxfile import read_onnx
+
+    runtime_version = _installed_minor("onnxruntime", "onnx")
+    graph = read_onnx(source)
+    weights = [_copy_weights(source, package / "model.onnx")]
+    for location in graph.external_data:  # paths relative to the model, as the graph names them
+        (package / location).parent.mkdir(parents=True, exist_ok=True)
+        weights.append(replace(_copy_weights(source.parent / location, package / location), path=location))
+    if structure is None:
+        structure = "tensor" if len(graph.outputs) == 1 else "dict"
+    return Packed(
+        weights=tuple(weights),
+        inputs=graph.inputs,
+        requirements=(f"onnxruntime>={runtime_version}", "numpy>=1.22"),
+        runtime="onnxruntime",
+        outputs=OutputSchema(structure, graph.outputs),
+    )
+
+
+def _pack_keras(source: Path, package: Path) -> Packed:
+    """The .keras or .h5 file as it is; its inputs are read once the runtime has loaded it (keras_inputs)."""
+    from .checkpoint import HDF5_MAGIC
+
+    keras_version = _installed_minor("keras", "keras")
+    with source.open("rb") as file:
+        legacy = file.read(len(HDF5_MAGIC)) == HDF5_MAGIC
+    weights = _copy_weights(source, package / ("model.h5" if legacy else "model.keras"))
+    return Packed(
+        weights=(weights,),
+        inputs=(),
+        requirements=(f"keras>={keras_version}", f"torch>={_KERAS_TORCH}", "numpy>=1.22"),
+        runtime="keras",
+    )
+
+
+def _installed_minor(distribution: str, extra: str) -> str:
+    """major.minor of the installed distribution that the trial run uses: the lowest version known to work."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingDependencyError(f"wrapping this model needs {distribution}: pip install 'nnwheel[{extra}]'") from None
+    return ".".join(version.split(".")[:2])
+
+
+def _copy_weights(source: Path, destination: Path) -> WeightsFile:
+    sha256 = copy_weights(source, destination)
+    return WeightsFile(destination.name, sha256, destination.stat().st_size)
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
