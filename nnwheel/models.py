@@ -65,7 +65,8 @@ def _import_package(name: str) -> str:
     if package is None:
         known = ", ".join(sorted(models)) or "none"
         raise ModelNotFoundError(
-            f"no installed model named {name!r} (installed: {known}); pip install it, or pass a .whl file"
+            f"no installed model named {name!r} in this environment (installed: {known}); "
+            f"pip install {name} here first"
         )
     return package
 

@@ -311,7 +311,7 @@ def test_unknown_model_is_a_clear_error(env):
         [str(env.python), "-m", "nnwheel", "serve", "mnist-mlp"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1
-    assert "no installed model named 'mnist-mlp' (installed: digits-mlp, rowwise-model)" in result.stderr
+    assert "no installed model named 'mnist-mlp' in this environment (installed: digits-mlp, rowwise-model)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
