@@ -105,11 +105,17 @@ def _from_pypirc(name: str, user: str | None, password: str | None) -> Target:
     from twine import exceptions, utils
 
     # twine's own default path: only that one may be missing (then pypi and testpypi are still known).
+    pypirc = Path(utils.DEFAULT_CONFIG_FILE).expanduser()
     try:
         config = utils.get_repository_from_config(utils.DEFAULT_CONFIG_FILE, name)
     except exceptions.InvalidConfiguration:
-        pypirc = Path(utils.DEFAULT_CONFIG_FILE).expanduser()
-        known = ", ".join(sorted(utils.get_config(utils.DEFAULT_CONFIG_FILE)))
+        try:
+            known = ", ".join(sorted(utils.get_config(utils.DEFAULT_CONFIG_FILE)))
+        except (OSError, configparser.Error):
+            # from None: configparser's message quotes the offending line, which may hold a password.
+            raise UnknownRepositoryError(
+                f"{pypirc} cannot be read or is malformed: fix it, or pass --index URL"
+            ) from None
         raise UnknownRepositoryError(
             f"--index {name}: no repository of that name in {pypirc} (known: {known}); "
             f"pass the index URL instead, or add a [{name}] section with repository = URL"

@@ -172,6 +172,19 @@ def test_repository_names_come_from_pypirc(devpi, tmp_path):
     assert f"error: --index privat: no repository of that name in {home / '.pypirc'} (known: private, pypi)" in unknown.stderr
 
 
+def test_malformed_pypirc_is_a_clear_error_that_quotes_nothing(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    # A line without "=": configparser's own error would quote it, password and all.
+    (home / ".pypirc").write_text("[private]\nrepository = http://127.0.0.1:1/u/i/\npassword s3cret-token\n")
+    result = nnwheel("publish", tiny_model_wheel(tmp_path), "--index", "private", env={"HOME": str(home)}, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {home / '.pypirc'} cannot be read or is malformed: fix it, or pass --index URL"
+    ]
+    assert "s3cret-token" not in result.stderr
+
+
 def test_only_wheels_made_by_nnwheel_are_published(devpi, tmp_path):
     index = devpi.create_index()
     plain = tiny_model_wheel(tmp_path)
