@@ -92,8 +92,7 @@ def resolve_target(
         index_option = local.config.url
     if "://" not in index_option:
         return _from_pypirc(index_option, user, password)
-    url = index_option if index_option.endswith("/") else index_option + "/"
-    url = url.removesuffix("+simple/")  # the URL pip takes, pasted for the one twine takes
+    url = _upload_url(index_option)
     if local is not None and url == local.config.url and user is None:
         stored = index.read_credentials(index_dir)
         if stored is not None:
@@ -120,13 +119,19 @@ def _from_pypirc(name: str, user: str | None, password: str | None) -> Target:
             f"--index {name}: no repository of that name in {pypirc} (known: {known}); "
             f"pass the index URL instead, or add a [{name}] section with repository = URL"
         ) from None
-    url = str(config["repository"])
+    url = _upload_url(str(config["repository"]))
     return Target(
         url,
         _simple_url(url),
         user or config.get("username"),
         password or config.get("password"),
     )
+
+
+def _upload_url(url: str) -> str:
+    """The upload URL with its trailing slash, so the simple API URL derived from it is right."""
+    url = url if url.endswith("/") else url + "/"
+    return url.removesuffix("+simple/")  # the URL pip takes, pasted for the one twine takes
 
 
 def _simple_url(upload_url: str) -> str:

@@ -172,6 +172,22 @@ def test_repository_names_come_from_pypirc(devpi, tmp_path):
     assert f"error: --index privat: no repository of that name in {home / '.pypirc'} (known: private, pypi)" in unknown.stderr
 
 
+def test_pypirc_url_without_trailing_slash(devpi, tmp_path):
+    index = devpi.create_index()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".pypirc").write_text(
+        "[distutils]\nindex-servers = private\n\n"
+        f"[private]\nrepository = {index.url.rstrip('/')}\nusername = {index.user}\npassword = {index.password}\n"
+    )
+    wheel = tiny_model_wheel(tmp_path)
+    first = nnwheel("publish", wheel, "--index", "private", env={"HOME": str(home)})
+    assert f"pip install --index-url {index.simple_url} tiny-model" in first.stdout
+    # The check before uploading reads the right simple API page, so it finds the file it just sent.
+    again = nnwheel("publish", wheel, "--index", "private", env={"HOME": str(home)})
+    assert f"{wheel.name}: already published at {index.url} (same sha256), nothing sent" in again.stdout
+
+
 def test_malformed_pypirc_is_a_clear_error_that_quotes_nothing(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
