@@ -211,7 +211,7 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
     )
     _add_index_dir(start)
     start.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
-    start.add_argument("--port", type=int, help="port to listen on (default: 3141)")
+    start.add_argument("--port", type=_port, help="port to listen on (default: 3141)")
     start.add_argument("--user", help="user that owns the index USER/models (default: nnwheel)")
     start.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                        help="inherit PyPI through devpi's mirror (default: no outside connections)")
@@ -229,6 +229,17 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
         action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _add_index_dir(action)
         action.set_defaults(run=run)
+
+
+def _port(text: str) -> int:
+    """A TCP port to listen on; 0 (any free port) is refused, since nnwheel must know the URL beforehand."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535")
+    return port
 
 
 def _add_index_dir(action: argparse.ArgumentParser) -> None:
@@ -344,7 +355,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("name", metavar="NAME", help="an installed model, e.g. mnist-mlp (see nnwheel list)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
                        "(default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=8080, help="port (default: %(default)s)")
     serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the "
                        "model (default: %(default)s)")
     batching = serve.add_argument_group("micro-batching")
@@ -364,8 +375,6 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> None:
     from .errors import MissingDependencyError, UsageError
 
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port {args.port}: give a port from 1 to 65535")
     if args.workers < 1 or args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0:
         raise UsageError("--workers and --max-batch are at least 1, --max-wait-ms at least 0, --max-body-mb above 0")
     try:

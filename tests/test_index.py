@@ -180,3 +180,12 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use): pass another --port" in result.stderr
     assert not (tmp_path / "index").exists()
+
+
+def test_ports_out_of_range_are_refused_before_anything_starts(tmp_path):
+    for command, port in [(["index", "start", "--dir", tmp_path / "index"], "70000"), (["serve", "digits-mlp"], "0")]:
+        result = nnwheel(*command, "--port", port, check=False)
+        assert result.returncode == 2
+        assert f"error: argument --port: '{port}' is not a port: give a number from 1 to 65535" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "index").exists()
