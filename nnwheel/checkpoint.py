@@ -61,7 +61,40 @@ def read_checkpoint(path: Path) -> Checkpoint:
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path} is empty: the checkpoint was not saved completely; save it again")
-    return Checkpoint(path=path, format=detect_format(path), size=size)
+    try:
+        checkpoint_format = detect_format(path)
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
+    if checkpoint_format is Format.TORCH_EXPORT:
+        check_export_archive(path)
+    return Checkpoint(path=path, format=checkpoint_format, size=size)
+
+
+def check_export_archive(path: Path) -> None:
+    """Refuse a torch.export archive whose loading would unpickle anything.
+
+    torch.export.load unpickles weights and constants marked use_pickle (with weights_only=False) and custom
+    or opaque objects. A model exported with plain tensors has none of them, so nnwheel refuses those archives
+    instead of running their pickles.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            configs = [n for n in archive.namelist() if n.endswith(("_weights_config.json", "_constants_config.json"))]
+            payloads = [entry for name in configs for entry in json.loads(archive.read(name))["config"].values()]
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as error:
+        raise CheckpointError(f"{path} is a corrupt torch.export archive ({error}); export the model again") from None
+    if not configs:
+        raise CheckpointError(
+            f"{path} is a torch.export archive in an older layout whose pickled parts nnwheel cannot check; "
+            "export the model again with a current torch (torch.export.save)"
+        )
+    pickled = [e["path_name"] for e in payloads if e.get("use_pickle") or not e["path_name"].startswith(("weight_", "tensor_"))]
+    if pickled:
+        raise CheckpointError(
+            f"{path} holds pickled objects ({', '.join(pickled[:5])}) that torch.export.load would unpickle, "
+            "which can run code; nnwheel never loads them. Export a model whose weights and constants are "
+            "plain tensors"
+        )
 
 
 def sha256_of(path: Path) -> str:

@@ -46,7 +46,7 @@ def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: l
         return _pack_state_dict(checkpoint, request, package, example)
     if request.arch is not None:
         raise UsageError(f"{checkpoint.path} is a {checkpoint.format.value} program with its own code; drop --arch")
-    if checkpoint.format in (Format.ONNX, Format.KERAS) and request.input_specs:
+    if checkpoint.format in (Format.ONNX, Format.KERAS, Format.TORCH_EXPORT) and request.input_specs:
         raise UsageError(f"{checkpoint.path} is a {checkpoint.format.value} model with its own input schema; "
                          "drop --input-shape/--input-dtype")
     if checkpoint.format is Format.ONNX:

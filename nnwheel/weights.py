@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, CheckpointError
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 _CHUNK_BYTES = 1 << 20
 
 _SAFETENSORS_DTYPES = {
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
@@ -47,7 +48,8 @@ def fit_to_model(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module,
     """Check the state_dict against the model (built on meta) and decide what to store."""
     tied = _tied_aliases(model)
     expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state_dict and tied.get(k) not in state_dict]
+    present = set(state_dict) | {tied.get(name, name) for name in state_dict}  # a tied group under any name
+    missing = [k for k in expected if tied.get(k, k) not in present]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         raise ArchitectureError(_mismatch_message(missing, unexpected))
@@ -58,6 +60,9 @@ def fit_to_model(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module,
     ]
     if wrong_shapes:
         raise ArchitectureError("the checkpoint's shapes do not fit the model: " + "; ".join(wrong_shapes[:10]))
+    unstorable = [f"{k} ({v.dtype})" for k, v in state_dict.items() if _dtype_name(v) not in _SAFETENSORS_DTYPES]
+    if unstorable:
+        raise CheckpointError(f"safetensors cannot store these tensors' dtypes: {', '.join(unstorable[:10])}")
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
         tensors.setdefault(tied.get(name, name), tensor)  # each tied group is stored under its first name
@@ -66,6 +71,10 @@ def fit_to_model(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module,
         buffers = dict(build_on_cpu().named_buffers())
         tensors.update({name: buffers[name] for name in non_persistent})
     return FittedWeights(tensors=tensors, tied=tied, non_persistent_buffers=non_persistent)
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def _mismatch_message(missing: list[str], unexpected: list[str]) -> str:
@@ -117,7 +126,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: P
     for name, tensor in ordered:
         size = tensor.numel() * tensor.element_size()
         layout[name] = {
-            "dtype": _SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
+            "dtype": _SAFETENSORS_DTYPES[_dtype_name(tensor)],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -171,7 +180,7 @@ class _HashingWriter:
             buffer = memoryview(self._buffers[self._turn])[: min(size, _CHUNK_BYTES)]
             n = reader.readinto(buffer)
             if not n:
-                raise OSError(f"{reader.name} ended early while copying its tensors; was it changed meanwhile?")
+                raise CheckpointError(f"{reader.name} ended early while copying its tensors; was it changed meanwhile?")
             self._write_chunk(buffer[:n])
             size -= n
 

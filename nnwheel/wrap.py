@@ -47,8 +47,6 @@ class WrapRequest:
     to: str | None = None  # "onnx": convert a PyTorch model at wrap time
 
 
-
-
 def wrap(request: WrapRequest) -> Path:
     names = parse_package_name(request.name)
     version = parse_version(request.version)
@@ -58,69 +56,62 @@ def wrap(request: WrapRequest) -> Path:
     model_card = _read_model_card(request.readme)
     checkpoint = read_checkpoint(request.checkpoint)
     _check_conversion(checkpoint, request.to)
-
-    with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
-        # Hash the source on the second core while torch is imported and the weights are written.
-        source_sha256 = hasher.submit(sha256_of, checkpoint.path)
-        project = Path(tmp) / "project"
-        package = project / names.import_name
-        package.mkdir(parents=True)
-        example = load_example(request.example) if request.example else None
-        packed = pack(checkpoint, request, package, example)
-        write_package_code(package, runtime=packed.runtime)
-        manifest = Manifest(
-            name=names.distribution,
-            import_name=names.import_name,
-            version=version,
-            format=checkpoint.format.value,
-            runtime=packed.runtime,
-            weights=packed.weights,
-            inputs=packed.inputs,
-            outputs=packed.outputs.specs if packed.outputs else (),
-            output_structure=packed.outputs.structure if packed.outputs else "tensor",
-            source=Source(checkpoint.path.name, source_sha256.result(), checkpoint.size),
-            nnwheel_version=__version__,
-            torch_version=None if packed.runtime == "onnxruntime" else torch_version(),
-            arch=packed.arch,
-        )
-        write_manifest(package, manifest)
-        if packed.runtime == "keras":
-            manifest = replace(manifest, inputs=keras_inputs(package))
+    if request.source_dir is not None and request.source_dir.exists() and any(request.source_dir.iterdir()):
+        raise OutputError(f"--source-dir {request.source_dir} is not empty; give a new or empty directory")
+    try:
+        with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
+            # Hash the source on the second core while torch is imported and the weights are written.
+            source_sha256 = hasher.submit(sha256_of, checkpoint.path)
+            project = Path(tmp) / "project"
+            package = project / names.import_name
+            package.mkdir(parents=True)
+            example = load_example(request.example) if request.example else None
+            packed = pack(checkpoint, request, package, example)
+            write_package_code(package, runtime=packed.runtime)
+            manifest = Manifest(
+                name=names.distribution,
+                import_name=names.import_name,
+                version=version,
+                format=checkpoint.format.value,
+                runtime=packed.runtime,
+                weights=packed.weights,
+                inputs=packed.inputs,
+                outputs=packed.outputs.specs if packed.outputs else (),
+                output_structure=packed.outputs.structure if packed.outputs else "tensor",
+                source=Source(checkpoint.path.name, source_sha256.result(), checkpoint.size),
+                nnwheel_version=__version__,
+                torch_version=None if packed.runtime == "onnxruntime" else torch_version(),
+                arch=packed.arch,
+            )
             write_manifest(package, manifest)
-        outputs = trial_run(package, manifest, example or zeros_for(manifest), request.arch)
-        if packed.outputs is None:
-            schema = output_schema(outputs, is_batched(manifest.inputs))
-            manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
-            write_manifest(package, manifest)
-        if request.to == "onnx":
-            project, manifest, packed = _convert_to_onnx(Path(tmp), package, manifest, example)
-        metadata = ProjectMetadata(
-            summary=request.summary or f"{names.distribution}: a {manifest.format} model packaged by nnwheel",
-            requirements=(*packed.requirements, *requires),
-            model_card=model_card,
-            license=license,
-            author=request.author,
-        )
-        write_project_files(project, manifest, metadata)
-        if request.source_dir is not None:
-            _copy_project(project, request.source_dir)
-        from .wheel import build_wheel
+            if packed.runtime == "keras":
+                manifest = replace(manifest, inputs=keras_inputs(package))
+                write_manifest(package, manifest)
+            outputs = trial_run(package, manifest, example or zeros_for(manifest), request.arch)
+            if packed.outputs is None:
+                schema = output_schema(outputs, is_batched(manifest.inputs))
+                manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
+                write_manifest(package, manifest)
+            if request.to == "onnx":
+                project, manifest, packed = _convert_to_onnx(Path(tmp), package, manifest, example)
+            metadata = ProjectMetadata(
+                summary=request.summary or f"{names.distribution}: a {manifest.format} model packaged by nnwheel",
+                requirements=(*packed.requirements, *requires),
+                model_card=model_card,
+                license=license,
+                author=request.author,
+            )
+            write_project_files(project, manifest, metadata)
+            if request.source_dir is not None:
+                _copy_project(project, request.source_dir)
+            from .wheel import build_wheel
 
-        return build_wheel(project, request.out_dir)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+            return build_wheel(project, request.out_dir)
+    except OSError as error:
+        raise OutputError(
+            f"writing the package failed ({error}); check the free space in {tempfile.gettempdir()} "
+            f"(or set TMPDIR to a larger disk) and in {request.out_dir}"
+        ) from None
 
 
 def _check_conversion(checkpoint: Checkpoint, to: str | None) -> None:
@@ -180,22 +171,6 @@ def _flat(outputs: Any) -> list:
     return list(outputs) if isinstance(outputs, tuple) else [outputs]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _check_requirements(requires: Sequence[str]) -> tuple[str, ...]:
     from packaging.requirements import InvalidRequirement, Requirement
 
@@ -237,8 +212,6 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def _copy_project(project: Path, source_dir: Path) -> None:
-    if source_dir.exists() and any(source_dir.iterdir()):
-        raise OutputError(f"--source-dir {source_dir} is not empty; give a new or empty directory")
     try:
         shutil.copytree(project, source_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     except OSError as error:

@@ -226,3 +226,16 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, kind):
     assert meta_outputs is not None, "the meta run could not answer for this model"
     schema = output_schema(meta_outputs, batched=True)
     assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])
+
+
+def test_tied_group_saved_under_its_alias_only(tmp_path, tagger):
+    """safetensors.torch.save_model keeps one name of a tied group, not always the first (here decode.weight)."""
+    arch, model = tagger
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "embed.weight"}
+    save_file(state, tmp_path / "alias-only.safetensors")
+    project, manifest = wrap(tmp_path, tmp_path / "alias-only.safetensors", "--arch", f"{arch}:Tagger", *INPUTS)
+    assert manifest["arch"]["tied"] == {"decode.weight": "embed.weight"}
+    tokens, scale = sample_inputs()
+    expected = reference(model, tokens, scale)
+    for got, want in zip(predict_in_new_process(project, tokens, scale), expected):
+        assert np.array_equal(np.array(got, dtype=np.float32), want.numpy())

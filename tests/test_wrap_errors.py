@@ -187,3 +187,34 @@ def test_debug_shows_the_traceback(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode != 0 and "Traceback" in result.stderr and "error: " in result.stderr
+
+
+def _exported(tmp_path: Path) -> Path:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10))
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 64),)), path)
+    return path
+
+
+def test_export_archive_with_pickled_weights_is_refused_unread(tmp_path, capsys):
+    """torch.export.load would unpickle a weight marked use_pickle with weights_only=False: refuse the file."""
+    import json
+    import zipfile
+
+    source = _exported(tmp_path)
+    tampered = tmp_path / "tampered.pt2"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(tampered, "w") as copy:
+        for item in original.infolist():
+            data = original.read(item)
+            if item.filename.endswith("_weights_config.json"):
+                config = json.loads(data)
+                next(iter(config["config"].values()))["use_pickle"] = True
+                data = json.dumps(config).encode()
+            copy.writestr(item, data)
+    line = wrap_fails(capsys, tmp_path / "dist", tampered, "--name", "m")
+    assert "holds pickled objects" in line and "nnwheel never loads them" in line
+
+
+def test_input_shape_is_refused_for_an_exported_program(tmp_path, capsys):
+    line = wrap_fails(capsys, tmp_path / "dist", _exported(tmp_path), "--name", "m", "--input-shape", "-1,64")
+    assert "its own input schema" in line
