@@ -154,7 +154,7 @@ def start(index_dir: Path, config: IndexConfig, secret_file: Path | None = None)
         _wait_until_serving(process, index_dir, config)
         credentials = read_credentials(index_dir)
         if credentials is not None:
-            _ensure_user_and_index(config, credentials)
+            _set_up(index_dir, config, credentials)
     except BaseException:
         process.kill()
         process.wait()
@@ -306,6 +306,17 @@ def _wait_until_serving(process: subprocess.Popen, index_dir: Path, config: Inde
     raise LocalIndexError(
         f"devpi-server did not answer within {START_TIMEOUT_S:.0f} s:\n{_log_tail(index_dir)}"
     )
+
+
+def _set_up(index_dir: Path, config: IndexConfig, credentials: Credentials) -> None:
+    try:
+        _ensure_user_and_index(config, credentials)
+    # OSError covers HTTPError, URLError and timeouts; ValueError an answer that is not JSON.
+    except (OSError, ValueError) as error:
+        raise LocalIndexError(
+            f"devpi-server started but setting up user {credentials.user!r} and index {config.index_path} "
+            f"failed ({error}):\n{_log_tail(index_dir)}"
+        ) from None
 
 
 def _ensure_user_and_index(config: IndexConfig, credentials: Credentials) -> None:

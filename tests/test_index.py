@@ -189,3 +189,21 @@ def test_ports_out_of_range_are_refused_before_anything_starts(tmp_path):
         assert f"error: argument --port: '{port}' is not a port: give a number from 1 to 65535" in result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "index").exists()
+
+
+def test_failed_setup_after_launch_is_a_clear_error_and_stops_the_server(tmp_path):
+    index_dir = tmp_path / "index"
+    start(index_dir, "--port", free_port())
+    index_cli("stop", index_dir)
+    credentials = json.loads((index_dir / "credentials.json").read_text())
+    (index_dir / "credentials.json").write_text(json.dumps({**credentials, "root_password": "not-roots-password"}))
+    try:
+        # --mirror makes the next start create root/pypi as root, which devpi now refuses (403).
+        result = start(index_dir, "--mirror", check=False)
+    finally:
+        index_cli("stop", index_dir, check=False)
+    assert result.returncode == 1
+    assert "error: devpi-server started but setting up user 'nnwheel' and index nnwheel/models failed " in result.stderr
+    assert "(HTTP Error 403: Forbidden)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (index_dir / "devpi.pid").exists()
