@@ -285,6 +285,8 @@ class _Server:
         tensors = body.get("inputs") if isinstance(body, dict) else None
         if not isinstance(tensors, list) or not all(isinstance(tensor, dict) for tensor in tensors):
             raise RequestFailed(400, 'send {"inputs": [{"name": ..., "shape": [...], "datatype": ..., "data": [...]}]}')
+        if not all(isinstance(tensor.get("name"), str) for tensor in tensors):
+            raise RequestFailed(400, 'every tensor in "inputs" needs a "name" that is a string, e.g. "input"')
         given = {tensor.get("name"): tensor for tensor in tensors}
         expected = [spec.name for spec in self.model.inputs]
         if len(given) != len(tensors) or sorted(given, key=str) != sorted(expected):
@@ -298,7 +300,9 @@ class _Server:
             return None
         requested = body["outputs"]
         names = {spec.name for spec in self.model.outputs}
-        if not isinstance(requested, list) or not all(isinstance(o, dict) and o.get("name") in names for o in requested):
+        if not isinstance(requested, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] in names for o in requested
+        ):
             raise RequestFailed(400, f'"outputs" lists outputs by name: [{{"name": ...}}], from {", ".join(sorted(names))}')
         return {output["name"] for output in requested}
 
@@ -322,14 +326,20 @@ class _Server:
 
 def _v2_array(tensor: dict[str, Any], spec: TensorSpec) -> np.ndarray:
     datatype = tensor.get("datatype")
-    if V2_DATATYPES.get(datatype) != spec.dtype:  # type: ignore[arg-type]
-        expected = _V2_NAMES.get(spec.dtype, spec.dtype)
+    expected = _V2_NAMES.get(spec.dtype, spec.dtype)
+    if not isinstance(datatype, str):
+        raise RequestFailed(400, f'input {spec.name!r} needs a "datatype" that is a string: {expected!r}')
+    if V2_DATATYPES.get(datatype) != spec.dtype:
         raise RequestFailed(400, f"input {spec.name!r} has datatype {datatype}; the model takes {expected}")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
-        raise RequestFailed(400, f"input {spec.name!r} needs a shape: a list of sizes, e.g. [1, 784]")
+    # bool is a subclass of int, but true is no size.
+    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+        raise RequestFailed(400, f'input {spec.name!r} needs a "shape": a list of sizes, e.g. [1, 784]')
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise RequestFailed(400, f'input {spec.name!r} needs "data": a list of its values, flat or nested')
     try:
-        array = np.asarray(tensor.get("data"), dtype=spec.dtype)
+        array = np.asarray(data, dtype=spec.dtype)
     except (ValueError, TypeError, OverflowError) as error:
         raise RequestFailed(400, f"input {spec.name!r}: data cannot become a {spec.dtype} array ({error})") from None
     if array.size != math.prod(shape):
