@@ -83,9 +83,15 @@ def verify_installed(name: str) -> Manifest:
     manifest = Manifest.from_json(files(package).joinpath(MANIFEST_NAME).read_text(encoding="utf-8"))
     for entry in manifest.weights:
         digest = hashlib.sha256()
-        with files(package).joinpath(entry.path).open("rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
+        try:
+            with files(package).joinpath(entry.path).open("rb") as file:
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{manifest.name}: {entry.path} is missing; "
+                f"reinstall with pip install --force-reinstall {manifest.name}"
+            ) from None
         if digest.hexdigest() != entry.sha256:
             raise IntegrityError(
                 f"{manifest.name}: {entry.path} does not match its manifest (sha256 {digest.hexdigest()}, "

@@ -222,6 +222,18 @@ def test_verify_detects_changed_weights(tmp_path, digits_wheel):
     assert listed.returncode == 1 and "does not match its manifest" in listed.stderr
 
 
+def test_verify_reports_deleted_weights(tmp_path, digits_wheel):
+    env = make_venv(tmp_path / "env")
+    env.pip("install", "--no-deps", str(digits_wheel))
+    package = Path(env.run("import digits_mlp, os; print(os.path.dirname(digits_mlp.__file__))").stdout.strip())
+    (package / "model.safetensors").unlink()
+    result = subprocess.run([env.python, "-m", "nnwheel", "verify", "digits-mlp"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: digits-mlp: model.safetensors is missing; reinstall with pip install --force-reinstall digits-mlp"
+    ]
+
+
 def test_nnwheel_inspect_list_and_version(installed, digits_wheel):
     inspected = nnwheel("inspect", digits_wheel).stdout
     assert "digits-mlp 0.1.0" in inspected and "input:        input float32 (any, 64)" in inspected
