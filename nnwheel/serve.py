@@ -170,8 +170,8 @@ class _JSONResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":"), allow_nan=True).encode("utf-8")
 
 
-def _error(status: int, message: str) -> Response:
-    return _JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return _JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @dataclass
@@ -444,7 +444,7 @@ async def _http_exception(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
     if error.status_code == 404:
         return _error(404, f"no such endpoint: {request.url.path}; see /v2/models/NAME, /predict and /metrics")
-    return _error(error.status_code, str(error.detail))
+    return _error(error.status_code, str(error.detail), headers=error.headers)  # a 405's Allow among them
 
 
 async def _unexpected(request: Request, error: Exception) -> Response:

@@ -192,6 +192,11 @@ def test_streamed_body_over_the_limit_is_refused_without_content_length(digits_s
     assert reply.status_code == 413 and "limit" in reply.json()["error"]
 
 
+def test_wrong_method_says_which_methods_are_allowed(digits_server):
+    reply = httpx.get(f"{digits_server.url}/v2/models/digits-mlp/infer")
+    assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+
+
 def test_metrics_count_requests_by_status_and_time_them(digits_server):
     before = metrics(digits_server)
     ok, bad = '{route="/predict",code="200"}', '{route="/predict",code="400"}'
