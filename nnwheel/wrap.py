@@ -60,8 +60,9 @@ def wrap(request: WrapRequest) -> Path:
         raise OutputError(f"--source-dir {request.source_dir} is not empty; give a new or empty directory")
     try:
         with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
-            # Hash the source on the second core while torch is imported and the weights are written.
-            source_sha256 = hasher.submit(sha256_of, checkpoint.path)
+            # A state_dict is converted, so its source is hashed on the second core meanwhile; every other
+            # format is copied as it is, hashed while copied, and that hash is the source's.
+            converted_source_sha256 = hasher.submit(sha256_of, checkpoint.path) if checkpoint.needs_arch else None
             project = Path(tmp) / "project"
             package = project / names.import_name
             package.mkdir(parents=True)
@@ -78,7 +79,11 @@ def wrap(request: WrapRequest) -> Path:
                 inputs=packed.inputs,
                 outputs=packed.outputs.specs if packed.outputs else (),
                 output_structure=packed.outputs.structure if packed.outputs else "tensor",
-                source=Source(checkpoint.path.name, source_sha256.result(), checkpoint.size),
+                source=Source(
+                    checkpoint.path.name,
+                    converted_source_sha256.result() if converted_source_sha256 else packed.weights[0].sha256,
+                    checkpoint.size,
+                ),
                 nnwheel_version=__version__,
                 torch_version=None if packed.runtime == "onnxruntime" else torch_version(),
                 arch=packed.arch,
