@@ -103,8 +103,10 @@ class ServedModel:
                 f"model {name} is installed but cannot be imported ({error}); "
                 f"reinstall it with its dependencies: pip install --force-reinstall {name}"
             ) from error
-        except RuntimeError as error:  # the package's IntegrityError among them
-            raise ServeError(f"model {name} cannot be loaded: {error}") from error
+        except (OSError, ValueError, RuntimeError) as error:  # missing weights; the package's IntegrityError
+            raise ServeError(
+                f"model {name} cannot be loaded: {error}; reinstall it: pip install --force-reinstall {name}"
+            ) from error
         return cls(package, manifest)
 
     def call(self, inputs: list[np.ndarray]) -> list[np.ndarray]:

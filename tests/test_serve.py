@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -330,6 +332,29 @@ def test_unknown_model_is_a_clear_error(env):
     )
     assert result.returncode == 1
     assert "no installed model named 'mnist-mlp' in this environment (installed: digits-mlp, rowwise-model)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@contextlib.contextmanager
+def weights_missing(env, module: str) -> Iterator[None]:
+    """The installed package's weights file moved away, as a broken install leaves it; put back after."""
+    code = f"import importlib.util; print(importlib.util.find_spec({module!r}).submodule_search_locations[0])"
+    [weights] = [path for path in Path(env.run(code).stdout.strip()).iterdir() if path.suffix == ".safetensors"]
+    weights.rename(weights.with_suffix(".moved"))
+    try:
+        yield
+    finally:
+        weights.with_suffix(".moved").rename(weights)
+
+
+def test_model_that_cannot_load_is_a_clear_error(env):
+    with weights_missing(env, "rowwise_model"):
+        result = subprocess.run(
+            [str(env.python), "-m", "nnwheel", "serve", "rowwise-model"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode == 1
+    assert "error: model rowwise-model cannot be loaded: " in result.stderr
+    assert "reinstall it: pip install --force-reinstall rowwise-model" in result.stderr
     assert "Traceback" not in result.stderr
 
 
