@@ -348,7 +348,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         description="Serve an installed model package with uvicorn: POST /predict {\"data\": ...}, the Open "
         "Inference Protocol (KServe V2) under /v2, and Prometheus metrics at /metrics. Concurrent "
         "requests are merged into one model call when the model gives each row identical results in "
-        "every batch size (checked at start). SIGTERM finishes the requests in flight, then stops.",
+        "every batch size (checked at start; never for inputs with a free dimension besides the batch, "
+        "whose sizes a check cannot all try). SIGTERM finishes the requests in flight, then stops.",
         epilog="example: nnwheel serve mnist-mlp --port 8080, then "
         "curl -X POST localhost:8080/predict -d '{\"data\": [[...]]}'",
     )

@@ -152,11 +152,11 @@ class ServedModel:
         return None  # predict() alone says what is wrong
 
     def probe(self, rows: int) -> list[np.ndarray]:
-        """Random inputs that fit the schema, `rows` of them; free dimensions other than the batch get 2."""
+        """Random inputs that fit the schema, `rows` of them; the batch must be their only free dimension."""
         generator = np.random.default_rng(0)
         arrays = []
         for spec in self.inputs:
-            shape = (rows, *(2 if size == -1 else size for size in spec.shape[1:]))
+            shape = (rows, *spec.shape[1:])
             dtype = np.dtype(spec.dtype)
             if dtype.kind == "f":
                 arrays.append(generator.standard_normal(shape).astype(dtype))
@@ -426,6 +426,13 @@ def _batching_decision(model: ServedModel, options: ServeOptions) -> tuple[bool,
         return False, "off (--max-batch 1)"
     if options.inexact_batching:
         return True, f"on, up to {options.max_batch} rows (--inexact-batching: rows may differ in the last bits)"
+    free = [spec.name for spec in model.inputs if -1 in spec.shape[1:]]
+    if free:
+        # The probe can try only some sizes of such a dimension; a request with another size could merge inexactly.
+        return False, (
+            f"off: input {free[0]!r} has a free dimension besides the batch, so exactness cannot be checked "
+            "for every size; --inexact-batching batches anyway"
+        )
     started = time.perf_counter()
     try:
         difference = batch_difference(model.call, model.probe(options.max_batch))

@@ -56,11 +56,41 @@ def rowwise_wheel(tmp_path_factory) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
+# Rowwise too, but its input's second dimension is free as well: the exactness probe cannot try every size.
+SCALE_ARCH = """
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, x):
+        return x * self.scale
+"""
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, digits_wheel, rowwise_wheel):
-    """A fresh venv with both model wheels pip-installed (their dependencies come from the test environment)."""
+def scale_wheel(tmp_path_factory) -> Path:
+    import torch
+
+    out = tmp_path_factory.mktemp("scale")
+    (out / "scale.py").write_text(SCALE_ARCH)
+    torch.save(load_module(out / "scale.py").Scale().state_dict(), out / "scale.pth")
+    result = nnwheel(
+        "wrap", out / "scale.pth", "--name", "scale-model", "--arch", f"{out / 'scale.py'}:Scale",
+        "--input-shape=-1,-1", "--out", out / "dist",
+    )  # fmt: skip
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, digits_wheel, rowwise_wheel, scale_wheel):
+    """A fresh venv with the model wheels pip-installed (their dependencies come from the test environment)."""
     env = make_venv(tmp_path_factory.mktemp("serve") / "env")
-    env.pip("install", "--no-deps", str(digits_wheel), str(rowwise_wheel))
+    env.pip("install", "--no-deps", str(digits_wheel), str(rowwise_wheel), str(scale_wheel))
     return env
 
 
@@ -262,6 +292,13 @@ def test_concurrent_requests_are_batched_and_identical_to_single_calls(env, tmp_
     assert after['nnwheel_batching_enabled{model="rowwise-model"}'] == 1
 
 
+def test_inputs_with_a_free_dimension_besides_the_batch_are_not_merged(env, tmp_path):
+    # Scale's rows are exact in every batch size, but only for the sizes a probe tries: serving never assumes it.
+    with serving(serve_command(env, "scale-model"), tmp_path) as server:
+        assert metrics(server)['nnwheel_batching_enabled{model="scale-model"}'] == 0
+    assert "off: input 'input' has a free dimension besides the batch" in server.log.read_text()
+
+
 def test_inexact_batching_merges_float_models_and_stays_within_rounding(env, tmp_path):
     """The guarantee --inexact-batching gives instead: the same results up to float32 rounding, not bit for bit."""
     bodies = random_bodies(200)
@@ -331,7 +368,7 @@ def test_unknown_model_is_a_clear_error(env):
         [str(env.python), "-m", "nnwheel", "serve", "mnist-mlp"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1
-    assert "no installed model named 'mnist-mlp' in this environment (installed: digits-mlp, rowwise-model)" in result.stderr
+    assert "no installed model named 'mnist-mlp' in this environment (installed: digits-mlp, rowwise-model, scale-model)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
