@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from uvicorn.supervisors import Multiprocess
 
 from . import __version__
 from .batching import Batcher, batch_difference
-from .errors import ServeError
+from .errors import NnwheelError, ServeError
 from .manifest import Manifest
 from .metrics import CONTENT_TYPE, ServeMetrics
 from .models import describe_installed
@@ -499,13 +500,21 @@ def serve(options: ServeOptions) -> None:
         if options.workers == 1:
             uvicorn.Server(config).run(sockets=[sock])
         else:
-            Multiprocess(config, sockets=[sock]).run()
+            supervisor = Multiprocess(config, sockets=[sock])
+            supervisor.run()
+            if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
+                raise ServeError(f"a worker could not start {options.name} (its error is above); the server stopped")
 
 
 def app_from_environment() -> ASGIApp:
     """The app of one worker process when there are several."""
     options = ServeOptions(**json.loads(os.environ[_OPTIONS_VARIABLE]))
-    return create_app(ServedModel.load(options.name), options)
+    try:
+        return create_app(ServedModel.load(options.name), options)
+    except NnwheelError as error:
+        # uvicorn restarts a worker that fails in any other way, forever; this exit status stops them all.
+        logger.error("%s", error)
+        sys.exit(uvicorn.config.STARTUP_FAILURE)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, Server, load_module, make_venv, nnwheel, serving
+from conftest import ROOT, Server, free_port, load_module, make_venv, nnwheel, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -392,6 +392,18 @@ def test_model_that_cannot_load_is_a_clear_error(env):
     assert result.returncode == 1
     assert "error: model rowwise-model cannot be loaded: " in result.stderr
     assert "reinstall it: pip install --force-reinstall rowwise-model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_model_that_cannot_load_in_several_workers_stops_the_server(env):
+    with weights_missing(env, "rowwise_model"):
+        result = subprocess.run(
+            [str(env.python), "-m", "nnwheel", "serve", "rowwise-model", "--workers", "2", "--port", str(free_port())],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "model rowwise-model cannot be loaded: " in result.stderr
+    assert "error: a worker could not start rowwise-model" in result.stderr
     assert "Traceback" not in result.stderr
 
 
