@@ -56,7 +56,7 @@ metadata:
   name: $object_name
   labels:
     app.kubernetes.io/name: $object_name
-    app.kubernetes.io/version: "$version"
+    app.kubernetes.io/version: "$tag"
 spec:
   replicas: 2
   selector:
@@ -66,7 +66,7 @@ spec:
     metadata:
       labels:
         app.kubernetes.io/name: $object_name
-        app.kubernetes.io/version: "$version"
+        app.kubernetes.io/version: "$tag"
       annotations:
         prometheus.io/scrape: "true"
         prometheus.io/port: "$port"
@@ -172,10 +172,13 @@ def deploy(name: str, index_url: str, version: str | None, out_dir: Path, image:
         raise UsageError(f"--index {index_url!r}: give the http(s) URL pip installs from, e.g. https://devpi.example.com/team/models/+simple/")
     version = parse_version(version) if version else latest_version(index_url, name)
     object_name = kubernetes_name(name)
-    image = image or f"{object_name}:{version}"
+    # A label value and an image tag allow no "+" (as in 1.0.0+cpu), and at most 63 and 128 characters.
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", version)[:63].strip("-._")
+    image = image or f"{object_name}:{tag}"
     values = {
         "name": name,
         "version": version,
+        "tag": tag,
         "index_url": index_url,
         "image": image,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",

@@ -50,6 +50,16 @@ def test_manifests_validate_against_the_kubernetes_schemas(deployed):
     assert "nvidia.com/gpu" in (deployed / "kubernetes.yaml").read_text()  # the note on GPU nodes
 
 
+def test_local_version_gives_a_valid_label_and_image_tag(tmp_path):
+    deploy(tmp_path, "--index", "https://devpi.example.com/team/models/+simple/", "--version", "1.0.0+cpu")
+    deployment = next(yaml.safe_load_all((tmp_path / "kubernetes.yaml").read_text()))
+    kubernetes_validate.validate(deployment, kubernetes_validate.utils.latest_version(), strict=True)
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/version"] == "1.0.0-cpu"
+    assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "1.0.0-cpu"
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "digits-mlp:1.0.0-cpu"
+    assert '"digits-mlp==1.0.0+cpu"' in (tmp_path / "Dockerfile").read_text()  # pip still pins the real version
+
+
 def test_invalid_manifests_would_be_caught():
     """The validation above can fail: a Deployment without its selector is refused."""
     broken = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"template": {}}}
