@@ -99,22 +99,36 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def example_for(specs: Sequence[TensorSpec], device: str = "cpu") -> list[torch.Tensor]:
-    """Zero inputs of the declared shapes (free dimensions as 2) to learn the outputs from."""
+def example_for(specs: Sequence[TensorSpec], device: str = "cpu", free: int = 2) -> list[torch.Tensor]:
+    """Zero inputs of the declared shapes (free dimensions of size `free`) to learn the outputs from."""
     import torch
 
-    return [torch.zeros(_example_shape(spec), dtype=getattr(torch, spec.dtype), device=device) for spec in specs]
+    return [torch.zeros(_example_shape(spec, free), dtype=getattr(torch, spec.dtype), device=device) for spec in specs]
 
 
-def numpy_example_for(specs: Sequence[TensorSpec]) -> list[Any]:
+def numpy_example_for(specs: Sequence[TensorSpec], free: int = 2) -> list[Any]:
     """example_for as numpy arrays, for runtimes without torch."""
     import numpy as np
 
-    return [np.zeros(_example_shape(spec), dtype=spec.dtype) for spec in specs]
+    return [np.zeros(_example_shape(spec, free), dtype=spec.dtype) for spec in specs]
 
 
-def _example_shape(spec: TensorSpec) -> tuple[int, ...]:
-    return tuple(2 if d == -1 else d for d in spec.shape)
+def _example_shape(spec: TensorSpec, free: int) -> tuple[int, ...]:
+    return tuple(free if d == -1 else d for d in spec.shape)
+
+
+def has_free_inner_dims(specs: Sequence[TensorSpec]) -> bool:
+    """Whether any input has a free dimension besides the batch: outputs may then follow its size."""
+    return any(-1 in spec.shape[1:] for spec in specs)
+
+
+def free_where_different(schema: OutputSchema, other: OutputSchema) -> OutputSchema:
+    """The schema with -1 wherever two runs on inputs of different free sizes gave different output sizes."""
+    specs = tuple(
+        TensorSpec(a.name, a.dtype, tuple(d if d == e else -1 for d, e in zip(a.shape, b.shape)))
+        for a, b in zip(schema.specs, other.specs)
+    )
+    return OutputSchema(schema.structure, specs)
 
 
 def output_schema(result: Any, batched: bool) -> OutputSchema:

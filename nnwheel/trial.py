@@ -104,7 +104,7 @@ def keras_inputs(package: Path) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(t.name, t.dtype, tuple(-1 if d is None else d for d in t.shape)) for t in inputs)
 
 
-def zeros_for(manifest: Manifest) -> list:
+def zeros_for(manifest: Manifest, free: int = 2) -> list:
     if manifest.runtime == "onnxruntime":  # no torch needed to wrap an ONNX model
-        return numpy_example_for(manifest.inputs)
-    return example_for(manifest.inputs)
+        return numpy_example_for(manifest.inputs, free)
+    return example_for(manifest.inputs, free=free)

@@ -23,7 +23,7 @@ from .manifest import Manifest, Source
 from .names import parse_package_name, parse_version
 from .pack import Packed, pack, pack_onnx, torch_version
 from .render import ProjectMetadata, write_manifest, write_package_code, write_project_files
-from .schema import TensorSpec, is_batched, load_example, output_schema
+from .schema import TensorSpec, free_where_different, has_free_inner_dims, is_batched, load_example, output_schema
 from .trial import imported, keras_inputs, trial_run, zeros_for
 
 
@@ -95,6 +95,10 @@ def wrap(request: WrapRequest) -> Path:
             outputs = trial_run(package, manifest, example or zeros_for(manifest), request.arch)
             if packed.outputs is None:
                 schema = output_schema(outputs, is_batched(manifest.inputs))
+                if example is None and has_free_inner_dims(manifest.inputs):
+                    # Run once more with other free sizes: output dimensions that follow them are free too.
+                    other = trial_run(package, manifest, zeros_for(manifest, free=3), request.arch)
+                    schema = free_where_different(schema, output_schema(other, is_batched(manifest.inputs)))
                 manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
                 write_manifest(package, manifest)
             if request.to == "onnx":

@@ -246,3 +246,17 @@ def test_nnwheel_inspect_list_and_version(installed, digits_wheel):
     unknown = nnwheel("inspect", "no-such-model", check=False)
     assert unknown.returncode != 0 and "no installed model named 'no-such-model'" in unknown.stderr
     assert nnwheel("--version").stdout.startswith("nnwheel ")
+
+
+def test_output_dimensions_that_follow_a_free_input_dimension_are_free(tmp_path):
+    arch = tmp_path / "pairs.py"
+    arch.write_text(
+        "import torch\n\nclass Pairs(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.scale = torch.nn.Parameter(torch.ones(1))\n\n"
+        "    def forward(self, x):\n        return torch.cat([x, x], 1) * self.scale, x.sum(1, keepdim=True)\n"
+    )
+    torch.save({"scale": torch.ones(1)}, tmp_path / "pairs.pth")
+    wheel = nnwheel("wrap", tmp_path / "pairs.pth", "--name", "pairs", "--arch", f"{arch}:Pairs",
+                    "--input-shape", "-1,-1", "--out", tmp_path).stdout.split()[-1]
+    manifest = json.loads(nnwheel("inspect", "--json", wheel).stdout)
+    assert [spec["shape"] for spec in manifest["outputs"]] == [[-1, -1], [-1, 1]]
