@@ -53,17 +53,18 @@ def trial_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec |
     large = sum(weights.size for weights in manifest.weights) > META_RUN_ABOVE_BYTES
     if large and (outputs := meta_run(package, manifest, example, arch)) is not None:
         return outputs
-    try:
-        with imported(package) as module:
+    with imported(package) as module:
+        try:  # the package's own input checks first, so that only their complaints are called a misfit
+            module._schema.prepare(tuple(example), module._MANIFEST["inputs"], module._BATCHED)
+        except ValueError as error:
+            raise SchemaError(f"the example does not fit the declared inputs: {error}") from None
+        try:
             return module.predict(*example)
-    except ValueError as error:
-        raise SchemaError(f"the example does not fit the declared inputs: {error}") from None
-    except Exception as error:
-        raise SchemaError(
-            f"the model failed on the example input ({type(error).__name__}: {error}); "
-            "check --input-shape/--input-dtype or give a real --example"
-        ) from None
-
+        except Exception as error:
+            raise SchemaError(
+                f"the model failed on the example input ({type(error).__name__}: {error}); "
+                "check --input-shape/--input-dtype or give a real --example"
+            ) from None
 
 
 def meta_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any | None:

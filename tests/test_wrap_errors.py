@@ -218,3 +218,14 @@ def test_export_archive_with_pickled_weights_is_refused_unread(tmp_path, capsys)
 def test_input_shape_is_refused_for_an_exported_program(tmp_path, capsys):
     line = wrap_fails(capsys, tmp_path / "dist", _exported(tmp_path), "--name", "m", "--input-shape", "-1,64")
     assert "its own input schema" in line
+
+
+def test_a_model_that_raises_valueerror_is_not_called_a_misfit(tmp_path, capsys):
+    arch = tmp_path / "strict.py"
+    arch.write_text(
+        "import torch\n\nclass Strict(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(4, 2)\n\n"
+        "    def forward(self, x):\n        raise ValueError('needs positive inputs')\n"
+    )
+    torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "strict.pth")
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "strict.pth", "--name", "m", "--arch", f"{arch}:Strict", "--input-shape", "-1,4")
+    assert "the model failed on the example input (ValueError: needs positive inputs)" in line
