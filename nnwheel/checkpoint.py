@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -194,7 +194,7 @@ def _load_pickle(path: Path) -> Any:
         raise _refusal(path, str(error)) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(
-            f"{path} is truncated or corrupt and cannot be read ({_first_line(error)}); save it again"
+            f"{path} is truncated or corrupt and cannot be read ({first_line(error)}); save it again"
         ) from None
 
 
@@ -207,10 +207,6 @@ def _refusal(path: Path, message: str) -> CheckpointError:
         f"{path} is a pickle that needs code outside torch's safe weights-only allowlist{needs}; "
         f"nnwheel never runs it. {SAVE_ADVICE}"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _find_state_dict(loaded: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of another library's error, for quoting it inside one of ours."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class NnwheelError(Exception):
     """Base class: the message is written for a human and says what to do next."""
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 from . import index
+from .manifest import MANIFEST_NAME
+from .models import ENTRY_POINT_GROUP
 from .errors import (
     AlreadyReleasedError,
     AuthenticationError,
@@ -44,7 +46,7 @@ PYPI_FILE_LIMIT = 100 * 1000 * 1000
 # How long the index may take to answer the pre-upload question before we call it unreachable.
 CHECK_TIMEOUT_S = 5.0
 _PYPI_UPLOADS = {"upload.pypi.org": "https://pypi.org/simple/", "test.pypi.org": "https://test.pypi.org/simple/"}
-_NNWHEEL_JSON = re.compile(r"[^/]+/nnwheel\.json")
+_NNWHEEL_JSON = re.compile(rf"[^/]+/{re.escape(MANIFEST_NAME)}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def read_model_wheel(path: Path) -> ModelWheel:
     except zipfile.BadZipFile:
         raise NotAModelWheelError(f"{path} is not a valid zip archive; rebuild it with `nnwheel wrap`") from None
     manifests = [name for name in names if _NNWHEEL_JSON.fullmatch(name) and ".dist-info/" not in name]
-    if len(manifests) != 1 or not entry_points.has_section("nnwheel.models"):
+    if len(manifests) != 1 or not entry_points.has_section(ENTRY_POINT_GROUP):
         raise NotAModelWheelError(
             f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
             "entry point in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConversionError, MissingDependencyError
+from .errors import ConversionError, MissingDependencyError, first_line
 from .schema import TensorSpec
 
 if TYPE_CHECKING:
@@ -57,9 +57,8 @@ def export_onnx(
                 output_names=list(output_names), external_data=True, verbose=False,
             )
     except Exception as error:  # the exporter raises many kinds, all meaning "this model does not convert"
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConversionError(
-            f"torch's ONNX exporter cannot convert this model ({type(error).__name__}: {first_line}); "
+            f"torch's ONNX exporter cannot convert this model ({type(error).__name__}: {first_line(error)}); "
             "wrap it without --to onnx to keep the torch runtime"
         ) from None
 

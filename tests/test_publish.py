@@ -193,14 +193,20 @@ def test_body_too_large_is_a_clear_error(tmp_path):
     assert f"error: {index.url} refuses files this large (413)" in result.stderr
 
 
-def test_repository_names_come_from_pypirc(devpi, tmp_path):
-    index = devpi.create_index()
+def home_with_pypirc(tmp_path: Path, url: str, index) -> Path:
+    """A home directory whose ~/.pypirc names the index as the repository "private"."""
     home = tmp_path / "home"
     home.mkdir()
     (home / ".pypirc").write_text(
         "[distutils]\nindex-servers = private\n\n"
-        f"[private]\nrepository = {index.url}\nusername = {index.user}\npassword = {index.password}\n"
+        f"[private]\nrepository = {url}\nusername = {index.user}\npassword = {index.password}\n"
     )
+    return home
+
+
+def test_repository_names_come_from_pypirc(devpi, tmp_path):
+    index = devpi.create_index()
+    home = home_with_pypirc(tmp_path, index.url, index)
     wheel = tiny_model_wheel(tmp_path)
     env = {"HOME": str(home)}
     assert f"published to {index.url}" in nnwheel("publish", wheel, "--index", "private", env=env).stdout
@@ -212,12 +218,7 @@ def test_repository_names_come_from_pypirc(devpi, tmp_path):
 
 def test_pypirc_url_without_trailing_slash(devpi, tmp_path):
     index = devpi.create_index()
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / ".pypirc").write_text(
-        "[distutils]\nindex-servers = private\n\n"
-        f"[private]\nrepository = {index.url.rstrip('/')}\nusername = {index.user}\npassword = {index.password}\n"
-    )
+    home = home_with_pypirc(tmp_path, index.url.rstrip("/"), index)
     wheel = tiny_model_wheel(tmp_path)
     first = nnwheel("publish", wheel, "--index", "private", env={"HOME": str(home)})
     assert f"pip install --index-url {index.simple_url} tiny-model" in first.stdout
