@@ -6,6 +6,7 @@ programs (torch.export, TorchScript), ONNX and Keras files are copied as they ar
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,8 @@ from .checkpoint import Checkpoint, Format, load_state_dict
 from .errors import MissingDependencyError, SchemaError, UsageError
 from .manifest import Arch, WeightsFile
 from .schema import OutputSchema, TensorSpec, dtype_name, specs_from_example
-from .weights import copy_weights, fit_to_model, write_safetensors
+from .trial import is_large
+from .weights import DeferredWeights, SafetensorsLayout, copy_weights, fit_to_model
 
 if TYPE_CHECKING:
     from .wrap import WrapRequest
@@ -33,17 +35,23 @@ _KERAS_TORCH = "2.1"  # the oldest torch Keras 3's torch backend supports
 class Packed:
     """What a format handler put into the package."""
 
-    weights: tuple[WeightsFile, ...]
+    weights: tuple[WeightsFile, ...]  # written into the package; see also `deferred`
     inputs: tuple[TensorSpec, ...]
     requirements: tuple[str, ...]
     arch: Arch | None = None
     runtime: str = "torch"  # which template/package/_runtime_<runtime>.py runs it
     outputs: OutputSchema | None = None  # known from the file (ONNX); otherwise learnt from the trial run
+    deferred: tuple[DeferredWeights, ...] = ()  # placeholders in the package until written (see DeferredWeights)
+
+    def weight_files(self) -> tuple[WeightsFile, ...]:
+        """Every weights file of the package, waiting for the hashes of deferred ones."""
+        return (*self.weights, *(WeightsFile(d.path.name, d.sha256, d.layout.size) for d in self.deferred))
 
 
-def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> Packed:
+def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None, background: Executor) -> Packed:
+    """Fill the package with the model's files; `background` hashes deferred weights on a second core."""
     if checkpoint.needs_arch:
-        return _pack_state_dict(checkpoint, request, package, example)
+        return _pack_state_dict(checkpoint, request, package, example, background)
     if request.arch is not None:
         raise UsageError(f"{checkpoint.path} is a {checkpoint.format.value} program with its own code; drop --arch")
     if checkpoint.format in (Format.ONNX, Format.KERAS, Format.TORCH_EXPORT) and request.input_specs:
@@ -63,7 +71,9 @@ def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: l
     return Packed(weights=(weights,), inputs=inputs, requirements=(f"torch>={torch_minor}", "numpy>=1.22"))
 
 
-def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> Packed:
+def _pack_state_dict(
+    checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None, background: Executor
+) -> Packed:
     # Reading first: a pickle that is not a plain state_dict is refused before anything else is said.
     state_dict = load_state_dict(checkpoint, key=request.state_dict_key, strip_prefix=request.strip_prefix)
     if request.arch is None:
@@ -71,6 +81,7 @@ def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path
             f"{checkpoint.path} holds only weights ({checkpoint.format.value}); say which class they belong to "
             "with --arch FILE.py:CLASS (and --arch-kwargs JSON if its constructor needs arguments)"
         )
+    inputs = _declared_inputs(request, example, checkpoint)
     spec = request.arch
     check_local_imports(spec)
     copy_sources(spec, package / "_arch")
@@ -78,7 +89,11 @@ def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path
     model = build_on_meta(model_class, spec)
     fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model_class(**spec.kwargs))
     path = package / "model.safetensors"
-    sha256 = write_safetensors(fitted.tensors, path, source=checkpoint.path)
+    layout = SafetensorsLayout(fitted.tensors, source=checkpoint.path)
+    if is_large(layout.size):  # the meta-device trial run reads none of them: they can wait for the wheel
+        deferred, weights = (DeferredWeights.reserve(layout, path, background),), ()
+    else:
+        deferred, weights = (), (WeightsFile(path.name, layout.write(path), layout.size),)
     arch = Arch(
         module=spec.module,
         class_name=spec.class_name,
@@ -87,8 +102,8 @@ def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path
         non_persistent_buffers=fitted.non_persistent_buffers,
     )
     return Packed(
-        weights=(WeightsFile(path.name, sha256, path.stat().st_size),),
-        inputs=_declared_inputs(request, example, checkpoint),
+        weights=weights,
+        inputs=inputs,
         requirements=(
             f"torch>={_STATE_DICT_TORCH}",
             "safetensors>=0.4.3",
@@ -96,6 +111,7 @@ def _pack_state_dict(checkpoint: Checkpoint, request: WrapRequest, package: Path
             *third_party_requirements(spec),
         ),
         arch=arch,
+        deferred=deferred,
     )
 
 

@@ -8,16 +8,19 @@ from __future__ import annotations
 import importlib.util
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arch import ArchSpec, build_on_meta, import_class
-from .checkpoint import Format
 from .errors import CheckpointError, SchemaError
 from .manifest import Manifest
 from .schema import TensorSpec, example_for, numpy_example_for
+
+if TYPE_CHECKING:
+    from .weights import DeferredWeights
 
 # Weights above this size get the meta-device run first (see trial_run).
 META_RUN_ABOVE_BYTES = 256 << 20
@@ -42,17 +45,35 @@ def imported(package: Path) -> Iterator[Any]:
             del sys.modules[key]
 
 
-def trial_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any:
+def is_large(weights_bytes: int) -> bool:
+    """Whether a model gets the meta-device run first: the first meta run imports much of torch._dynamo
+    (about a second), more than the real run of a small model costs."""
+    return weights_bytes > META_RUN_ABOVE_BYTES
+
+
+@dataclass(frozen=True)
+class MetaBuild:
+    """What a meta-device run builds the model from: its class (a state_dict's --arch) or its TorchScript file."""
+
+    arch: ArchSpec | None = None
+    torchscript: Path | None = None
+
+
+def trial_run(package: Path, example: list, meta: MetaBuild | None, deferred: Sequence[DeferredWeights] = ()) -> Any:
     """Predict once with the rendered package: the output schema, and proof it runs.
 
-    Large models built from their class, and TorchScript, run on the meta device first: shapes and dtypes
-    without reading a single weight, where the real run would page in all of them. Small ones skip it: the
-    first meta run imports much of torch._dynamo (about a second), more than their real run costs. The real
-    run decides whenever the meta run cannot (a forward pass that needs real values) and reports the errors.
+    Large models run on the meta device first (`meta`): shapes and dtypes without reading a single weight,
+    where the real run would page in all of them. The real run decides whenever the meta run cannot (a
+    forward pass that needs real values) and reports the errors.
     """
-    large = sum(weights.size for weights in manifest.weights) > META_RUN_ABOVE_BYTES
-    if large and (outputs := meta_run(package, manifest, example, arch)) is not None:
-        return outputs
+    outputs = meta_run(package, example, meta) if meta is not None else None
+    return outputs if outputs is not None else real_run(package, example, deferred)
+
+
+def real_run(package: Path, example: list, deferred: Sequence[DeferredWeights] = ()) -> Any:
+    """predict() of the rendered package, as users will call it; the deferred weights are written first."""
+    for weights in deferred:
+        weights.write()
     with imported(package) as module:
         try:  # the package's own input checks first, so that only their complaints are called a misfit
             module._schema.prepare(tuple(example), module._MANIFEST["inputs"], module._BATCHED)
@@ -67,16 +88,18 @@ def trial_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec |
             ) from None
 
 
-def meta_run(package: Path, manifest: Manifest, example: list, arch: ArchSpec | None) -> Any | None:
-    if manifest.runtime != "torch":  # ONNX models are wrapped without torch
-        return None
+def meta_run(package: Path, example: list, meta: MetaBuild) -> Any | None:
+    """The outputs of a forward pass on the meta device, or None where the model cannot run there.
+
+    Reads nothing of the package but its _arch sources, so it can run before the manifest is written.
+    """
     import torch
 
     try:
-        if manifest.arch is not None and arch is not None:
-            model = build_on_meta(import_class(package / "_arch", arch), arch)
-        elif manifest.format == Format.TORCHSCRIPT.value:
-            model = torch.jit.load(package / manifest.weights[0].path, map_location="meta")
+        if meta.arch is not None:
+            model = build_on_meta(import_class(package / "_arch", meta.arch), meta.arch)
+        elif meta.torchscript is not None:
+            model = torch.jit.load(meta.torchscript, map_location="meta")
         else:
             return None
         with torch.inference_mode():

@@ -15,11 +15,11 @@ import json
 import struct
 import sys
 import zipfile
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING
 
 from .errors import ArchitectureError, CheckpointError
 from .progress import Progress
@@ -111,104 +111,168 @@ def _non_persistent_buffer_names(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: Path | None = None) -> str:
-    """Write tensors in the safetensors format one at a time; return the file's sha256.
+class SafetensorsLayout:
+    """Tensors laid out in the safetensors format: the size up front, the bytes on demand, chunk by chunk.
 
     Tensors memory-mapped from the checkpoint file `source` (torch.load(mmap=True), safetensors' load_file)
     are read back from that file in chunks instead of through the mapping: the bytes are the same, but the
     checkpoint's pages then never count in this process's resident memory, which would otherwise grow by the
     whole checkpoint while it is copied.
     """
-    import torch
 
-    layout, offset = {}, 0
-    ordered = sorted(tensors.items())
-    for name, tensor in ordered:
-        size = tensor.numel() * tensor.element_size()
-        layout[name] = {
-            "dtype": _SAFETENSORS_DTYPES[_dtype_name(tensor)],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    header = json.dumps(layout, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
-    regions = _mapped_regions(source) if source is not None else []
-    with _HashingWriter(path, f"writing {path.name}", 8 + len(header) + offset) as out, contextlib.ExitStack() as stack:
-        reader = stack.enter_context(source.open("rb")) if regions else None
-        out.write(struct.pack("<Q", len(header)))
-        out.write(header)
-        for _, tensor in ordered:
-            file_offset = _offset_in(regions, tensor)
-            if reader is not None and file_offset is not None:
-                out.copy_from(reader, file_offset, tensor.numel() * tensor.element_size())
-            else:
-                out.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return out.hexdigest()
+    def __init__(self, tensors: Mapping[str, torch.Tensor], source: Path | None = None) -> None:
+        self._ordered = sorted(tensors.items())
+        self._source = source
+        layout, offset = {}, 0
+        for name, tensor in self._ordered:
+            size = tensor.numel() * tensor.element_size()
+            layout[name] = {
+                "dtype": _SAFETENSORS_DTYPES[_dtype_name(tensor)],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        header = json.dumps(layout, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+        self._head = struct.pack("<Q", len(header)) + header
+        self.size = len(self._head) + offset
+
+    def chunks(self) -> Iterator[memoryview]:
+        """The file's bytes in order; a chunk stays valid until the one after the next is taken."""
+        import torch
+
+        regions = _mapped_regions(self._source) if self._source is not None else []
+        yield memoryview(self._head)
+        with contextlib.ExitStack() as stack:
+            reader = stack.enter_context(_ChunkReader(self._source)) if regions else None
+            for _, tensor in self._ordered:
+                file_offset = _offset_in(regions, tensor)
+                if reader is not None and file_offset is not None:
+                    yield from reader.chunks(file_offset, tensor.numel() * tensor.element_size())
+                else:
+                    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                    yield from _slices(memoryview(data))
+
+    def write(self, path: Path) -> str:
+        """Write the file and return its sha256."""
+        return _write_hashed(self.chunks(), path, f"writing {path.name}", self.size)
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: Path | None = None) -> str:
+    """Write tensors as one safetensors file; return its sha256. See SafetensorsLayout for `source`."""
+    return SafetensorsLayout(tensors, source).write(path)
+
+
+@dataclass(frozen=True)
+class StreamedFile:
+    """A file's bytes produced while the wheel is written, instead of read back from the project directory."""
+
+    sha256: str  # known beforehand (the manifest records it); the wheel writer checks what it wrote against it
+    chunks: Callable[[], Iterable[memoryview]]
+
+
+@dataclass
+class DeferredWeights:
+    """Large weights written once, straight into the wheel, instead of twice (into the package, then the wheel).
+
+    Until write() is called, the package holds a sparse placeholder of the file's size, so that the wheel
+    builder lists and sizes it like any other file. Whatever must read the weights themselves (a real trial
+    run, --source-dir, --to onnx) calls write() first. The manifest needs their sha256 before the wheel is
+    written: it is computed in the background (reading the checkpoint, writing nothing) meanwhile.
+    """
+
+    path: Path
+    layout: SafetensorsLayout
+    _sha256: Future[str]
+    written: bool = False
+
+    @classmethod
+    def reserve(cls, layout: SafetensorsLayout, path: Path, background: Executor) -> DeferredWeights:
+        with path.open("wb") as placeholder:
+            placeholder.truncate(layout.size)
+        return cls(path, layout, background.submit(layout.sha256))
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.result()
+
+    def write(self) -> None:
+        if not self.written:
+            if self.layout.write(self.path) != self.sha256:
+                raise CheckpointError(changed_while_wrapping(self.path.name))
+            self.written = True
+
+    def streamed(self) -> StreamedFile:
+        return StreamedFile(self.sha256, self.layout.chunks)
+
+
+def changed_while_wrapping(name: str) -> str:
+    return f"the bytes of {name} changed while it was being wrapped; was the checkpoint modified meanwhile? Wrap again"
 
 
 def copy_weights(source: Path, destination: Path) -> str:
     """Copy a weights file as it is, in one pass that also hashes it; return its sha256."""
     size = source.stat().st_size
-    with _HashingWriter(destination, f"copying {source.name}", size) as out, source.open("rb") as reader:
-        out.copy_from(reader, 0, size)
-    return out.hexdigest()
+    with _ChunkReader(source) as reader:
+        return _write_hashed(reader.chunks(0, size), destination, f"copying {source.name}", size)
 
 
-class _HashingWriter:
-    """A file written in chunks, each hashed on a second core while the next is written; progress on a terminal."""
+def _write_hashed(chunks: Iterable[memoryview], path: Path, label: str, total: int) -> str:
+    """Write chunks to path, each hashed on a second core while it is written; progress on a terminal.
 
-    def __init__(self, path: Path, label: str, total: int) -> None:
-        self._progress = Progress(total, label)
-        self._file = path.open("wb")
-        self._digest = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(max_workers=1)
-        self._pending: Future | None = None
+    Hashing runs at most one chunk behind, which the chunk sources' two buffers allow.
+    """
+    digest = hashlib.sha256()
+    pending: Future | None = None
+    with Progress(total, label) as progress, path.open("wb") as file, ThreadPoolExecutor(max_workers=1) as hasher:
+        for chunk in chunks:
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(digest.update, chunk)
+            file.write(chunk)
+            progress.advance(len(chunk))
+        if pending is not None:
+            pending.result()
+    return digest.hexdigest()
+
+
+class _ChunkReader:
+    """Reads regions of a file in chunks, into two buffers in turn: the next chunk is read into one while the
+    other may still be in use (being hashed, say)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
         self._buffers = (bytearray(_CHUNK_BYTES), bytearray(_CHUNK_BYTES))
         self._turn = 0
 
-    def write(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), _CHUNK_BYTES):
-            self._write_chunk(view[start : start + _CHUNK_BYTES])
-
-    def copy_from(self, reader: BinaryIO, offset: int, size: int) -> None:
-        reader.seek(offset)
+    def chunks(self, offset: int, size: int) -> Iterator[memoryview]:
+        self._file.seek(offset)
         while size:
-            # Two buffers in turn: the next chunk is read into one while the other is still being hashed.
             self._turn ^= 1
             buffer = memoryview(self._buffers[self._turn])[: min(size, _CHUNK_BYTES)]
-            n = reader.readinto(buffer)
+            n = self._file.readinto(buffer)
             if not n:
-                raise CheckpointError(f"{reader.name} ended early while copying its tensors; was it changed meanwhile?")
-            self._write_chunk(buffer[:n])
+                raise CheckpointError(f"{self._file.name} ended early while copying its tensors; was it changed meanwhile?")
+            yield buffer[:n]
             size -= n
 
-    def _write_chunk(self, chunk: memoryview) -> None:
-        self._wait()
-        self._pending = self._hasher.submit(self._digest.update, chunk)
-        self._file.write(chunk)
-        self._progress.advance(len(chunk))
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
-
-    def __enter__(self) -> _HashingWriter:
-        self._progress.__enter__()
+    def __enter__(self) -> _ChunkReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        try:
-            self._wait()
-        finally:
-            self._hasher.shutdown()
-            self._file.close()
-            self._progress.__exit__(*exc_info)
+        self._file.close()
+
+
+def _slices(view: memoryview) -> Iterator[memoryview]:
+    view = view.cast("B")
+    for start in range(0, len(view), _CHUNK_BYTES):
+        yield view[start : start + _CHUNK_BYTES]
 
 
 def _mapped_regions(source: Path) -> list[tuple[int, int, int]]:

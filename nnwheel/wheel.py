@@ -10,16 +10,17 @@ once it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hatchling.builders.plugin.interface import IncludedFile
 from hatchling.builders.utils import (
@@ -33,6 +34,9 @@ from hatchling.builders.wheel import RecordFile, WheelArchive, WheelBuilder
 
 from .errors import BuildError, OutputError
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .weights import StreamedFile
 
 # Deflated as hatchling does: code, the manifest and other text, which shrink several-fold.
 # Every other file in the package is stored: weights are high-entropy numbers that deflate shrinks by
@@ -48,8 +52,12 @@ _CHUNK_BYTES = 1 << 20
 _UNSUPPORTED_OPTIONS = ("hooks", "shared-data", "shared-scripts", "extra-metadata", "sbom-files")
 
 
-def build_wheel(project_dir: Path, out_dir: Path) -> Path:
-    """Build the project's py3-none-any wheel into out_dir and return its path."""
+def build_wheel(project_dir: Path, out_dir: Path, streamed: Mapping[Path, StreamedFile] | None = None) -> Path:
+    """Build the project's py3-none-any wheel into out_dir and return its path.
+
+    The files named in `streamed` are placeholders in the project: their bytes come from the StreamedFile.
+    """
+    streamed_by_path = {os.path.realpath(path): file for path, file in (streamed or {}).items()}
     builder = _hatchling_builder(project_dir)
     build_data = _build_data(builder)
     with builder.config.set_build_data(build_data):
@@ -63,7 +71,7 @@ def build_wheel(project_dir: Path, out_dir: Path) -> Path:
             Progress(total_bytes, f"writing {target.name}") as progress,
         ):
             for included in files:
-                records.write(archive.add_file(included, progress))
+                records.write(archive.add_file(included, progress, streamed_by_path.get(os.path.realpath(included.path))))
             # hatchling's own code writes METADATA, WHEEL, entry_points.txt and licenses/, in its order.
             builder.write_metadata(archive, records, build_data)
             records.write((f"{archive.metadata_directory}/RECORD", "", ""))
@@ -144,7 +152,7 @@ class StreamingWheelArchive:
         self._buffer = bytearray(_CHUNK_BYTES)
         self._view = memoryview(self._buffer)
 
-    def add_file(self, included: IncludedFile, progress: Progress) -> tuple[str, str, str]:
+    def add_file(self, included: IncludedFile, progress: Progress, streamed: StreamedFile | None = None) -> tuple[str, str, str]:
         """Copy one package file into the wheel, hashing it on the way; return its RECORD row."""
         archive_path = normalize_archive_path(included.distribution_path)
         file_stat = os.stat(included.path)
@@ -155,16 +163,26 @@ class StreamingWheelArchive:
         zip_info.compress_type = _compression_for(archive_path)
 
         digest = hashlib.sha256()
-        with open(included.path, "rb") as source, self._zip.open(zip_info, "w") as entry:
-            while n := source.readinto(self._buffer):
-                chunk = self._view[:n]
+        with contextlib.ExitStack() as stack:
+            entry = stack.enter_context(self._zip.open(zip_info, "w"))
+            chunks = streamed.chunks() if streamed else self._read(stack.enter_context(open(included.path, "rb")))
+            for chunk in chunks:
                 # sha256 on a second core while zipfile computes the CRC and writes the same chunk;
                 # both release the GIL, so the file costs about the slower of the two, not their sum.
                 hashed = self._hasher.submit(digest.update, chunk)
                 entry.write(chunk)
                 hashed.result()
-                progress.advance(n)
+                progress.advance(len(chunk))
+        if streamed and digest.hexdigest() != streamed.sha256:
+            raise BuildError(
+                f"the bytes written for {archive_path} differ from the sha256 its manifest records: "
+                "was the checkpoint changed while it was being wrapped? Wrap again"
+            )
         return archive_path, f"sha256={format_file_hash(digest.digest())}", str(file_stat.st_size)
+
+    def _read(self, source: BinaryIO) -> Iterable[memoryview]:
+        while n := source.readinto(self._buffer):
+            yield self._view[:n]
 
     def write_metadata(self, relative_path: str, contents: str | bytes) -> tuple[str, str, str]:
         """Write one small .dist-info file (hatchling calls this for METADATA, WHEEL, ...)."""

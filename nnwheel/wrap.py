@@ -23,8 +23,16 @@ from .manifest import Manifest, Source
 from .names import parse_package_name, parse_version
 from .pack import Packed, pack, pack_onnx, torch_version
 from .render import ProjectMetadata, write_manifest, write_package_code, write_project_files
-from .schema import TensorSpec, free_where_different, has_free_inner_dims, is_batched, load_example, output_schema
-from .trial import imported, keras_inputs, trial_run, zeros_for
+from .schema import (
+    TensorSpec,
+    example_for,
+    free_where_different,
+    has_free_inner_dims,
+    is_batched,
+    load_example,
+    output_schema,
+)
+from .trial import MetaBuild, imported, is_large, keras_inputs, meta_run, real_run, trial_run, zeros_for
 
 
 @dataclass(frozen=True)
@@ -67,15 +75,18 @@ def wrap(request: WrapRequest) -> Path:
             package = project / names.import_name
             package.mkdir(parents=True)
             example = load_example(request.example) if request.example else None
-            packed = pack(checkpoint, request, package, example)
+            packed = pack(checkpoint, request, package, example, background=hasher)
             write_package_code(package, runtime=packed.runtime)
+            meta = _meta_build(package, packed, checkpoint, request.arch)
+            # The meta run needs no manifest: it goes first, while deferred weights are hashed on the other core.
+            outputs = meta_run(package, example or example_for(packed.inputs), meta) if meta is not None else None
             manifest = Manifest(
                 name=names.distribution,
                 import_name=names.import_name,
                 version=version,
                 format=checkpoint.format.value,
                 runtime=packed.runtime,
-                weights=packed.weights,
+                weights=packed.weight_files(),
                 inputs=packed.inputs,
                 outputs=packed.outputs.specs if packed.outputs else (),
                 output_structure=packed.outputs.structure if packed.outputs else "tensor",
@@ -92,15 +103,19 @@ def wrap(request: WrapRequest) -> Path:
             if packed.runtime == "keras":
                 manifest = replace(manifest, inputs=keras_inputs(package))
                 write_manifest(package, manifest)
-            outputs = trial_run(package, manifest, example or zeros_for(manifest), request.arch)
+            if outputs is None:
+                outputs = real_run(package, example or zeros_for(manifest), packed.deferred)
             if packed.outputs is None:
                 schema = output_schema(outputs, is_batched(manifest.inputs))
                 if example is None and has_free_inner_dims(manifest.inputs):
                     # Run once more with other free sizes: output dimensions that follow them are free too.
-                    other = trial_run(package, manifest, zeros_for(manifest, free=3), request.arch)
+                    other = trial_run(package, zeros_for(manifest, free=3), meta, packed.deferred)
                     schema = free_where_different(schema, output_schema(other, is_batched(manifest.inputs)))
                 manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
                 write_manifest(package, manifest)
+            if request.to == "onnx" or request.source_dir is not None:
+                for weights in packed.deferred:  # both read the weights themselves
+                    weights.write()
             if request.to == "onnx":
                 project, manifest, packed = _convert_to_onnx(Path(tmp), package, manifest, example)
             metadata = ProjectMetadata(
@@ -115,12 +130,23 @@ def wrap(request: WrapRequest) -> Path:
                 _copy_project(project, request.source_dir)
             from .wheel import build_wheel
 
-            return build_wheel(project, request.out_dir)
+            streamed = {weights.path: weights.streamed() for weights in packed.deferred if not weights.written}
+            return build_wheel(project, request.out_dir, streamed)
     except OSError as error:
         raise OutputError(
             f"writing the package failed ({error}); check the free space in {tempfile.gettempdir()} "
             f"(or set TMPDIR to a larger disk) and in {request.out_dir}"
         ) from None
+
+
+def _meta_build(package: Path, packed: Packed, checkpoint: Checkpoint, arch: ArchSpec | None) -> MetaBuild | None:
+    """How a large PyTorch model is built for its meta-device trial run; None for the others (see trial_run)."""
+    size = sum(weights.size for weights in packed.weights) + sum(weights.layout.size for weights in packed.deferred)
+    if packed.runtime != "torch" or not is_large(size):
+        return None
+    if checkpoint.format is Format.TORCHSCRIPT:
+        return MetaBuild(torchscript=package / packed.weights[0].path)
+    return MetaBuild(arch=arch) if packed.arch is not None else None
 
 
 def _check_conversion(checkpoint: Checkpoint, to: str | None) -> None:

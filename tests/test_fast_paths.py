@@ -3,8 +3,8 @@ BatchNorm statistics, an embedding whose weight is tied to the output layer, an 
 non-persistent buffers, and two inputs of different dtypes.
 
 Fast paths covered: tensors memory-mapped from the checkpoint are copied from the file rather than through
-the mapping; the output schema comes from a forward pass on the meta device; program files are copied and
-hashed in one pass; predict()'s input checks.
+the mapping; the output schema comes from a forward pass on the meta device; large weights are written
+straight into the wheel; program files are copied and hashed in one pass; predict()'s input checks.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ ARCH = textwrap.dedent('''\
 
         def forward(self, x):
             y = self.linear(x)
-            return {"y": y, "positive": (y.sum() > 0).to(torch.int64)}
+            positive = bool(y.sum() > 0)  # a Python decision on a value, which meta tensors do not have
+            return {"y": y, "positive": torch.full(x.shape[:1], positive, dtype=torch.int64)}
     ''')
 INPUTS = ("--input-shape", "-1,7", "--input-dtype", "int64", "--input-shape", "-1,1", "--input-dtype", "float32")
 
@@ -207,22 +209,22 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, kind):
     from nnwheel.arch import parse_arch
     from nnwheel.manifest import Manifest
     from nnwheel.schema import example_for
-    from nnwheel.trial import META_RUN_ABOVE_BYTES, meta_run
+    from nnwheel.trial import META_RUN_ABOVE_BYTES, MetaBuild, meta_run
 
     arch_file, model = tagger
     if kind == "state_dict":
         torch.save(model.state_dict(), tmp_path / "tagger.pth")
         arch_option = f"{arch_file}:Tagger"
         project, written = wrap(tmp_path, tmp_path / "tagger.pth", "--arch", arch_option, *INPUTS)
-        arch = parse_arch(arch_option, None, [])
+        meta = MetaBuild(arch=parse_arch(arch_option, None, []))
     else:  # the tagger's LSTM has no meta kernel in TorchScript (its wraps take the real run): a simpler net
         net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU()).eval()
         torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
         project, written = wrap(tmp_path, tmp_path / "net.pt", "--input-shape", "-1,4")
-        arch = None
+        meta = MetaBuild(torchscript=project / "fast_path" / written["weights"][0]["path"])
     manifest = Manifest.from_json(json.dumps(written))
     assert sum(w.size for w in manifest.weights) < META_RUN_ABOVE_BYTES, "the wheel's schema came from the real run"
-    meta_outputs = meta_run(project / "fast_path", manifest, example_for(manifest.inputs), arch)
+    meta_outputs = meta_run(project / "fast_path", example_for(manifest.inputs), meta)
     assert meta_outputs is not None, "the meta run could not answer for this model"
     schema = output_schema(meta_outputs, batched=True)
     assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])
@@ -239,3 +241,58 @@ def test_tied_group_saved_under_its_alias_only(tmp_path, tagger):
     expected = reference(model, tokens, scale)
     for got, want in zip(predict_in_new_process(project, tokens, scale), expected):
         assert np.array_equal(np.array(got, dtype=np.float32), want.numpy())
+
+
+@pytest.mark.parametrize("class_name", ["Tagger", "Picky"])
+def test_weights_streamed_into_the_wheel_give_the_same_wheel(tmp_path, tagger, monkeypatch, class_name):
+    """Large weights skip the package and are written straight into the wheel, hashed beforehand on a second
+    core; the wheel must be the plain path's, byte for byte. Picky's meta run fails: its real run must get
+    the weights written first."""
+    from nnwheel import trial
+    from nnwheel.arch import parse_arch
+    from nnwheel.schema import specs_from_shapes
+    from nnwheel.weights import DeferredWeights
+    from nnwheel.wrap import WrapRequest
+    from nnwheel.wrap import wrap as wrap_in_process
+
+    arch_file, model = tagger
+    if class_name == "Picky":
+        model = load_module(arch_file).Picky().eval()
+        specs = specs_from_shapes([(-1, 4)], ["float32"])
+    else:
+        specs = specs_from_shapes([(-1, 7), (-1, 1)], ["int64", "float32"])
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    request = WrapRequest(
+        tmp_path / "model.pth", "streamed", arch=parse_arch(f"{arch_file}:{class_name}", None, []),
+        input_specs=tuple(specs),
+    )
+    plain = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
+
+    writes = []
+    original_write = DeferredWeights.write
+    monkeypatch.setattr(DeferredWeights, "write", lambda self: (writes.append(self.path.name), original_write(self)))
+    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    streamed = wrap_in_process(replace(request, out_dir=tmp_path / "streamed"))
+
+    assert streamed.read_bytes() == plain.read_bytes()
+    assert writes == ([] if class_name == "Tagger" else ["model.safetensors"])
+
+
+def test_a_streamed_file_that_differs_from_its_hash_leaves_no_wheel(tmp_path):
+    from nnwheel.errors import BuildError
+    from nnwheel.weights import StreamedFile
+    from nnwheel.wheel import build_wheel
+
+    project = tmp_path / "project"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pkg" / "__init__.py").write_text("")
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "pkg"\nversion = "1.0"\n'
+    )
+    placeholder = project / "pkg" / "weights.bin"
+    placeholder.write_bytes(bytes(8))
+    changed = StreamedFile(hashlib.sha256(bytes(8)).hexdigest(), lambda: [memoryview(b"12345678")])
+    with pytest.raises(BuildError, match="changed while it was being wrapped"):
+        build_wheel(project, tmp_path / "dist", {placeholder: changed})
+    assert list((tmp_path / "dist").iterdir()) == []
