@@ -17,7 +17,9 @@ from .errors import CheckpointError, UsageError, first_line
 if TYPE_CHECKING:
     import torch
 
-_CHUNK = 1 << 20
+# sha256_of runs on a second thread while the first runs Python (import torch): each chunk costs it a wait
+# for the GIL (up to the 5 ms switch interval), so it reads few, large chunks into one buffer.
+_HASH_CHUNK = 16 << 20
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
 
 # Keys under which training scripts commonly nest the model's state_dict.
@@ -99,9 +101,11 @@ def check_export_archive(path: Path) -> None:
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
     with path.open("rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
+        while n := file.readinto(buffer):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 

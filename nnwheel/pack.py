@@ -1,7 +1,7 @@
 """What goes into the model package for each checkpoint format: weights, input schema, requirements, runtime.
 
 Weights-only formats (state_dict, safetensors) are fitted to their --arch class and written as safetensors;
-programs (torch.export, TorchScript), ONNX and Keras files are copied as they are, hashed while copied.
+programs (torch.export, TorchScript), ONNX and Keras files go in as they are (hard links where possible).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .errors import MissingDependencyError, SchemaError, UsageError
 from .manifest import Arch, WeightsFile
 from .schema import OutputSchema, TensorSpec, dtype_name, specs_from_example
 from .trial import is_large
-from .weights import DeferredWeights, SafetensorsLayout, copy_weights, fit_to_model
+from .weights import DeferredWeights, SafetensorsLayout, fit_to_model, link_weights
 
 if TYPE_CHECKING:
     from .wrap import WrapRequest
@@ -63,7 +63,7 @@ def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: l
         return _pack_keras(checkpoint.path, package)
     torch_minor = ".".join(torch_version().split(".")[:2])
     weights_name = "model.pt2" if checkpoint.format is Format.TORCH_EXPORT else "model.torchscript.pt"
-    weights = _copy_weights(checkpoint.path, package / weights_name)
+    weights = _link_weights(checkpoint.path, package / weights_name)
     if checkpoint.format is Format.TORCH_EXPORT:
         inputs = _export_input_specs(checkpoint.path)
     else:
@@ -155,10 +155,10 @@ def pack_onnx(source: Path, package: Path, structure: str | None) -> Packed:
 
     runtime_version = _installed_minor("onnxruntime", "onnx")
     graph = read_onnx(source)
-    weights = [_copy_weights(source, package / "model.onnx")]
+    weights = [_link_weights(source, package / "model.onnx")]
     for location in graph.external_data:  # paths relative to the model, as the graph names them
         (package / location).parent.mkdir(parents=True, exist_ok=True)
-        weights.append(replace(_copy_weights(source.parent / location, package / location), path=location))
+        weights.append(replace(_link_weights(source.parent / location, package / location), path=location))
     if structure is None:
         structure = "tensor" if len(graph.outputs) == 1 else "dict"
     return Packed(
@@ -177,7 +177,7 @@ def _pack_keras(source: Path, package: Path) -> Packed:
     keras_version = _installed_minor("keras", "keras")
     with source.open("rb") as file:
         legacy = file.read(len(HDF5_MAGIC)) == HDF5_MAGIC
-    weights = _copy_weights(source, package / ("model.h5" if legacy else "model.keras"))
+    weights = _link_weights(source, package / ("model.h5" if legacy else "model.keras"))
     return Packed(
         weights=(weights,),
         inputs=(),
@@ -197,8 +197,8 @@ def _installed_minor(distribution: str, extra: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def _copy_weights(source: Path, destination: Path) -> WeightsFile:
-    sha256 = copy_weights(source, destination)
+def _link_weights(source: Path, destination: Path) -> WeightsFile:
+    sha256 = link_weights(source, destination)
     return WeightsFile(destination.name, sha256, destination.stat().st_size)
 
 

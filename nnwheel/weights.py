@@ -1,5 +1,5 @@
 """Write the package's weights files, hashing while writing: a state_dict fitted to its model class and
-written as one safetensors file, or a program file copied as it is.
+written as one safetensors file, or a program file put in as it is.
 
 What the generated loader needs to rebuild the model without a second copy of the weights:
 - tied parameters (one tensor under several names) are written once; the loader re-ties them;
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 # Large enough that per-call costs vanish next to hashing and copying, small enough to stay out of the footprint.
 _CHUNK_BYTES = 1 << 20
+# Hashing alone, on a second thread while the first runs Python: every chunk costs this thread a wait for
+# the GIL (up to the 5 ms switch interval), so it takes fewer, larger chunks.
+_HASH_CHUNK_BYTES = 16 << 20
 
 _SAFETENSORS_DTYPES = {
     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
@@ -137,21 +140,21 @@ class SafetensorsLayout:
         self._head = struct.pack("<Q", len(header)) + header
         self.size = len(self._head) + offset
 
-    def chunks(self) -> Iterator[memoryview]:
+    def chunks(self, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[memoryview]:
         """The file's bytes in order; a chunk stays valid until the one after the next is taken."""
         import torch
 
         regions = _mapped_regions(self._source) if self._source is not None else []
         yield memoryview(self._head)
         with contextlib.ExitStack() as stack:
-            reader = stack.enter_context(_ChunkReader(self._source)) if regions else None
+            reader = stack.enter_context(_ChunkReader(self._source, chunk_bytes)) if regions else None
             for _, tensor in self._ordered:
                 file_offset = _offset_in(regions, tensor)
                 if reader is not None and file_offset is not None:
                     yield from reader.chunks(file_offset, tensor.numel() * tensor.element_size())
                 else:
                     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-                    yield from _slices(memoryview(data))
+                    yield from _slices(memoryview(data), chunk_bytes)
 
     def write(self, path: Path) -> str:
         """Write the file and return its sha256."""
@@ -159,7 +162,7 @@ class SafetensorsLayout:
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
-        for chunk in self.chunks():
+        for chunk in self.chunks(_HASH_CHUNK_BYTES):
             digest.update(chunk)
         return digest.hexdigest()
 
@@ -223,6 +226,22 @@ def copy_weights(source: Path, destination: Path) -> str:
         return _write_hashed(reader.chunks(0, size), destination, f"copying {source.name}", size)
 
 
+def link_weights(source: Path, destination: Path) -> str:
+    """Put a weights file into the package as a hard link (its bytes are then written once, into the wheel),
+    or as a copy where the two directories cannot share files; return its sha256."""
+    try:
+        destination.hardlink_to(source)
+    except OSError:  # another file system, or one without hard links
+        return copy_weights(source, destination)
+    size = source.stat().st_size
+    digest = hashlib.sha256()
+    with _ChunkReader(source, _HASH_CHUNK_BYTES) as reader, Progress(size, f"hashing {source.name}") as progress:
+        for chunk in reader.chunks(0, size):
+            digest.update(chunk)
+            progress.advance(len(chunk))
+    return digest.hexdigest()
+
+
 def _write_hashed(chunks: Iterable[memoryview], path: Path, label: str, total: int) -> str:
     """Write chunks to path, each hashed on a second core while it is written; progress on a terminal.
 
@@ -246,16 +265,16 @@ class _ChunkReader:
     """Reads regions of a file in chunks, into two buffers in turn: the next chunk is read into one while the
     other may still be in use (being hashed, say)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chunk_bytes: int = _CHUNK_BYTES) -> None:
         self._file = path.open("rb")
-        self._buffers = (bytearray(_CHUNK_BYTES), bytearray(_CHUNK_BYTES))
+        self._buffers = (bytearray(chunk_bytes), bytearray(chunk_bytes))
         self._turn = 0
 
     def chunks(self, offset: int, size: int) -> Iterator[memoryview]:
         self._file.seek(offset)
         while size:
             self._turn ^= 1
-            buffer = memoryview(self._buffers[self._turn])[: min(size, _CHUNK_BYTES)]
+            buffer = memoryview(self._buffers[self._turn])[: min(size, len(self._buffers[0]))]
             n = self._file.readinto(buffer)
             if not n:
                 raise CheckpointError(f"{self._file.name} ended early while copying its tensors; was it changed meanwhile?")
@@ -269,10 +288,10 @@ class _ChunkReader:
         self._file.close()
 
 
-def _slices(view: memoryview) -> Iterator[memoryview]:
+def _slices(view: memoryview, chunk_bytes: int) -> Iterator[memoryview]:
     view = view.cast("B")
-    for start in range(0, len(view), _CHUNK_BYTES):
-        yield view[start : start + _CHUNK_BYTES]
+    for start in range(0, len(view), chunk_bytes):
+        yield view[start : start + chunk_bytes]
 
 
 def _mapped_regions(source: Path) -> list[tuple[int, int, int]]:

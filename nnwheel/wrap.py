@@ -69,7 +69,7 @@ def wrap(request: WrapRequest) -> Path:
     try:
         with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
             # A state_dict is converted, so its source is hashed on the second core meanwhile; every other
-            # format is copied as it is, hashed while copied, and that hash is the source's.
+            # format goes into the package as it is, and the hash taken then is the source's.
             converted_source_sha256 = hasher.submit(sha256_of, checkpoint.path) if checkpoint.needs_arch else None
             project = Path(tmp) / "project"
             package = project / names.import_name

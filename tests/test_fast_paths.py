@@ -296,3 +296,21 @@ def test_a_streamed_file_that_differs_from_its_hash_leaves_no_wheel(tmp_path):
     with pytest.raises(BuildError, match="changed while it was being wrapped"):
         build_wheel(project, tmp_path / "dist", {placeholder: changed})
     assert list((tmp_path / "dist").iterdir()) == []
+
+
+def test_link_weights_falls_back_to_a_copy_across_file_systems(tmp_path, monkeypatch):
+    from nnwheel.weights import link_weights
+
+    source = tmp_path / "weights.bin"
+    source.write_bytes(np.random.default_rng(0).bytes((1 << 20) + 5))
+    expected = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert link_weights(source, tmp_path / "linked.bin") == expected
+    assert (tmp_path / "linked.bin").samefile(source)
+
+    def cross_device(self, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(Path, "hardlink_to", cross_device)
+    assert link_weights(source, tmp_path / "copied.bin") == expected
+    assert (tmp_path / "copied.bin").read_bytes() == source.read_bytes()
+    assert not (tmp_path / "copied.bin").samefile(source)
