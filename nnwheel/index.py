@@ -17,6 +17,8 @@ private index, which protects installs against dependency confusion.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -29,6 +31,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -139,12 +143,16 @@ def find_running(index_dir: Path) -> RunningIndex | None:
 def start(index_dir: Path, config: IndexConfig, secret_file: Path | None = None) -> tuple[RunningIndex, bool]:
     """Start devpi-server for index_dir unless it already runs; True when this call started it."""
     index_dir = index_dir.resolve()
-    running = find_running(index_dir)
-    if running is not None:
-        return running, False
-    _check_role(index_dir, config, secret_file)
-    _check_port_free(config)
-    index_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(index_dir):
+        running = find_running(index_dir)
+        if running is not None:
+            return running, False
+        _check_role(index_dir, config, secret_file)
+        _check_port_free(config)
+        return RunningIndex(index_dir, config, _start_server(index_dir, config, secret_file)), True
+
+
+def _start_server(index_dir: Path, config: IndexConfig, secret_file: Path | None) -> int:
     index_dir.chmod(0o700)  # devpi refuses a secret in a directory others can write to
     if not (index_dir / "server").exists():
         _initialise(index_dir, config, secret_file)
@@ -162,15 +170,41 @@ def start(index_dir: Path, config: IndexConfig, secret_file: Path | None = None)
         raise
     # The server outlives this object on purpose; don't let Python warn that it is still running.
     process.returncode = 0
-    return RunningIndex(index_dir, config, process.pid), True
+    return process.pid
 
 
 def stop(index_dir: Path) -> RunningIndex | None:
     """Shut the server down cleanly (SIGTERM, then wait); None when it was not running."""
-    running = find_running(index_dir)
-    if running is not None:
-        _terminate(running)
-    return running
+    if not index_dir.is_dir():
+        return None
+    with _exclusive(index_dir.resolve()):
+        running = find_running(index_dir)
+        if running is not None:
+            _terminate(running)
+        return running
+
+
+@contextmanager
+def _exclusive(index_dir: Path) -> Iterator[None]:
+    """One start or stop at a time per directory: two starts at once would both launch a server on it
+    (the second one's pidfile winning); with the lock, the second waits and finds the first's server.
+
+    A directory this call created is removed again when what runs under the lock fails before writing
+    anything into it (a port in use, say).
+    """
+    created = not index_dir.exists()
+    index_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = index_dir / "index.lock"
+    try:
+        with lock_file.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+    except BaseException:
+        if created:
+            lock_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                index_dir.rmdir()  # only if empty
+        raise
 
 
 def require_running(index_dir: Path) -> RunningIndex:

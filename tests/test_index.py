@@ -207,3 +207,35 @@ def test_failed_setup_after_launch_is_a_clear_error_and_stops_the_server(tmp_pat
     assert "(HTTP Error 403: Forbidden)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (index_dir / "devpi.pid").exists()
+
+
+def test_two_starts_at_once_give_one_server(tmp_path):
+    index_dir = tmp_path / "index"
+    command = [sys.executable, "-m", "nnwheel", "index", "start", "--dir", str(index_dir), "--insecure-fast-hashing",
+               "--port", str(free_port())]
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outputs = sorted(process.communicate(timeout=120)[0] for process in both)
+        pid = pid_of(index_dir)
+        servers = servers_of(index_dir)
+    finally:
+        index_cli("stop", index_dir, check=False)
+    assert [process.returncode for process in both] == [0, 0], outputs
+    assert outputs[0].startswith("local index already running: ") and f"(pid {pid})" in outputs[0]
+    assert outputs[1].startswith("local index started: ")
+    assert servers == [pid]
+    assert not is_alive(pid)
+
+
+def servers_of(index_dir: Path) -> list[int]:
+    """PIDs of the live devpi-server processes serving from index_dir."""
+    found = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (process / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"devpi-server") for part in command) and str(index_dir).encode() in b" ".join(command):
+            if is_alive(int(process.name)):
+                found.append(int(process.name))
+    return found
