@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import configparser
 import contextlib
+import functools
 import hashlib
 import html.parser
 import http.client
@@ -29,6 +30,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from . import index
 from .manifest import MANIFEST_NAME
 from .models import ENTRY_POINT_GROUP
+from .progress import Progress
 from .errors import (
     AlreadyReleasedError,
     AuthenticationError,
@@ -68,8 +70,17 @@ class ModelWheel:
     path: Path
     project: str  # canonical distribution name
     version: str
-    sha256: str
     size: int
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Hashed only when the index already has a file of this name: a model wheel can take seconds."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as file, Progress(self.size, f"hashing {self.path.name}") as progress:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+                progress.advance(len(chunk))
+        return digest.hexdigest()
 
 
 def resolve_target(
@@ -144,7 +155,7 @@ def _simple_url(upload_url: str) -> str:
 
 
 def read_model_wheel(path: Path) -> ModelWheel:
-    """The wheel's name, version and hash; refuses anything that is not a wheel made by nnwheel."""
+    """The wheel's name and version; refuses anything that is not a wheel made by nnwheel."""
     if not path.is_file():
         raise NotAModelWheelError(f"{path} does not exist")
     try:
@@ -165,7 +176,7 @@ def read_model_wheel(path: Path) -> ModelWheel:
             f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
             "entry point in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"
         )
-    return ModelWheel(path, str(project), str(version), _sha256(path), path.stat().st_size)
+    return ModelWheel(path, str(project), str(version), path.stat().st_size)
 
 
 def _entry_points(archive: zipfile.ZipFile, names: list[str]) -> configparser.ConfigParser:
@@ -175,14 +186,6 @@ def _entry_points(archive: zipfile.ZipFile, names: list[str]) -> configparser.Co
         if name.count("/") == 1 and name.endswith(".dist-info/entry_points.txt"):
             parser.read_string(archive.read(name).decode())
     return parser
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def oversize_warning(target: Target, wheel: ModelWheel) -> str | None:

@@ -282,8 +282,8 @@ def test_offline_install_from_a_download_folder(devpi, digits_wheel, digits_samp
 
 
 def test_pypi_uploads_over_its_file_limit_are_warned_about():
-    big = ModelWheel(Path("big_model-0.1.0-py3-none-any.whl"), "big-model", "0.1.0", "0" * 64, PYPI_FILE_LIMIT + 1)
-    small = ModelWheel(big.path, "big-model", "0.1.0", "0" * 64, PYPI_FILE_LIMIT)
+    big = ModelWheel(Path("big_model-0.1.0-py3-none-any.whl"), "big-model", "0.1.0", PYPI_FILE_LIMIT + 1)
+    small = ModelWheel(big.path, "big-model", "0.1.0", PYPI_FILE_LIMIT)
     pypi = Target("https://upload.pypi.org/legacy/", "https://pypi.org/simple/", "__token__", "x")
     devpi = Target("http://127.0.0.1:3141/nnwheel/models/", "http://127.0.0.1:3141/nnwheel/models/+simple/", "u", "p")
     warning = oversize_warning(pypi, big)
