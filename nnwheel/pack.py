@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .arch import build_on_meta, check_local_imports, copy_sources, import_class, third_party_requirements
 from .checkpoint import Checkpoint, Format, load_state_dict
 from .errors import MissingDependencyError, SchemaError, UsageError
+from .exportfile import read_export_interface
 from .manifest import Arch, WeightsFile
 from .schema import OutputSchema, TensorSpec, dtype_name, specs_from_example
 from .trial import is_large
@@ -62,13 +63,20 @@ def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: l
     if checkpoint.format is Format.KERAS:
         return _pack_keras(checkpoint.path, package)
     torch_minor = ".".join(torch_version().split(".")[:2])
-    weights_name = "model.pt2" if checkpoint.format is Format.TORCH_EXPORT else "model.torchscript.pt"
-    weights = _link_weights(checkpoint.path, package / weights_name)
+    requirements = (f"torch>={torch_minor}", "numpy>=1.22")
     if checkpoint.format is Format.TORCH_EXPORT:
-        inputs = _export_input_specs(checkpoint.path)
-    else:
-        inputs = _declared_inputs(request, example, checkpoint)
-    return Packed(weights=(weights,), inputs=inputs, requirements=(f"torch>={torch_minor}", "numpy>=1.22"))
+        return _pack_export(checkpoint.path, package, requirements)
+    weights = _link_weights(checkpoint.path, package / "model.torchscript.pt")
+    return Packed(weights=(weights,), inputs=_declared_inputs(request, example, checkpoint), requirements=requirements)
+
+
+def _pack_export(source: Path, package: Path, requirements: tuple[str, ...]) -> Packed:
+    """The .pt2 as it is. Its input schema is read from the archive where it tells it exactly, else from the
+    loaded program: the trial run is then the only time wrap loads it."""
+    weights = _link_weights(source, package / "model.pt2")
+    interface = read_export_interface(source)
+    inputs = interface.inputs if interface is not None else _export_input_specs(source)
+    return Packed(weights=(weights,), inputs=inputs, requirements=requirements)
 
 
 def _pack_state_dict(
@@ -129,7 +137,8 @@ def _declared_inputs(request: WrapRequest, example: list | None, checkpoint: Che
 
 
 def _export_input_specs(path: Path) -> tuple[TensorSpec, ...]:
-    """The exported program's own input schema: a symbolic (dynamic) dimension becomes -1."""
+    """The loaded program's own input schema, for archives that read_export_interface cannot read exactly:
+    a symbolic (dynamic) dimension becomes -1."""
     import torch
 
     program = torch.export.load(path)
@@ -188,13 +197,16 @@ def _pack_keras(source: Path, package: Path) -> Packed:
 
 def _installed_minor(distribution: str, extra: str) -> str:
     """major.minor of the installed distribution that the trial run uses: the lowest version known to work."""
+    return ".".join(_installed_version(distribution, extra).split(".")[:2])
+
+
+def _installed_version(distribution: str, extra: str) -> str:
     import importlib.metadata
 
     try:
-        version = importlib.metadata.version(distribution)
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise MissingDependencyError(f"wrapping this model needs {distribution}: pip install 'nnwheel[{extra}]'") from None
-    return ".".join(version.split(".")[:2])
 
 
 def _link_weights(source: Path, destination: Path) -> WeightsFile:
@@ -203,6 +215,6 @@ def _link_weights(source: Path, destination: Path) -> WeightsFile:
 
 
 def torch_version() -> str:
-    import torch
-
-    return torch.__version__.split("+")[0]
+    """The installed torch's version (torch.__version__), read from its metadata: importing torch to ask would
+    cost 0.2 GB and two seconds."""
+    return _installed_version("torch", "torch").split("+")[0]
