@@ -42,6 +42,7 @@ class Packed:
     arch: Arch | None = None
     runtime: str = "torch"  # which template/package/_runtime_<runtime>.py runs it
     outputs: OutputSchema | None = None  # known from the file (ONNX); otherwise learnt from the trial run
+    run_at_wrap: bool = True  # False for a large program whose file gives its outputs: it is not loaded at all
     deferred: tuple[DeferredWeights, ...] = ()  # placeholders in the package until written (see DeferredWeights)
 
     def weight_files(self) -> tuple[WeightsFile, ...]:
@@ -65,18 +66,23 @@ def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: l
     torch_minor = ".".join(torch_version().split(".")[:2])
     requirements = (f"torch>={torch_minor}", "numpy>=1.22")
     if checkpoint.format is Format.TORCH_EXPORT:
-        return _pack_export(checkpoint.path, package, requirements)
+        return _pack_export(checkpoint.path, package, example, requirements)
     weights = _link_weights(checkpoint.path, package / "model.torchscript.pt")
     return Packed(weights=(weights,), inputs=_declared_inputs(request, example, checkpoint), requirements=requirements)
 
 
-def _pack_export(source: Path, package: Path, requirements: tuple[str, ...]) -> Packed:
-    """The .pt2 as it is. Its input schema is read from the archive where it tells it exactly, else from the
-    loaded program: the trial run is then the only time wrap loads it."""
+def _pack_export(source: Path, package: Path, example: list | None, requirements: tuple[str, ...]) -> Packed:
+    """The .pt2 as it is; its schema is read from the archive where it tells it exactly (else torch.export.load
+    gives the inputs). A large program whose outputs the archive tells is not run at wrap time, as loading it
+    would page in all its weights and import torch (large state_dicts get a meta-device run instead); one
+    given an --example runs on it."""
     weights = _link_weights(source, package / "model.pt2")
     interface = read_export_interface(source)
     inputs = interface.inputs if interface is not None else _export_input_specs(source)
-    return Packed(weights=(weights,), inputs=inputs, requirements=requirements)
+    outputs = interface.trial_schema() if interface is not None and example is None and is_large(weights.size) else None
+    return Packed(
+        weights=(weights,), inputs=inputs, requirements=requirements, outputs=outputs, run_at_wrap=outputs is None
+    )
 
 
 def _pack_state_dict(

@@ -103,7 +103,7 @@ def wrap(request: WrapRequest) -> Path:
             if packed.runtime == "keras":
                 manifest = replace(manifest, inputs=keras_inputs(package))
                 write_manifest(package, manifest)
-            if outputs is None:
+            if outputs is None and packed.run_at_wrap:
                 outputs = real_run(package, example or zeros_for(manifest), packed.deferred)
             if packed.outputs is None:
                 schema = output_schema(outputs, is_batched(manifest.inputs))

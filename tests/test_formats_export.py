@@ -1,13 +1,18 @@
 """torch.export programs (.pt2): the schema read from the archive's JSON is the one torch gives.
 
-Inputs must equal what torch.export.load's placeholders say; outputs what wrap's trial run records.
-Programs the reader cannot read exactly get no answer from it: wrap then asks torch.
+Inputs must equal what torch.export.load's placeholders say; outputs what wrap's trial run records. A large
+program is wrapped from the archive alone (no torch.export.load, no run, no `import torch`), and its wheel
+must be the plain path's, byte for byte. Programs the reader cannot read exactly take the plain path.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,8 +20,12 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from nnwheel import trial
+from nnwheel.errors import SchemaError
 from nnwheel.exportfile import read_export_interface
 from nnwheel.pack import _export_input_specs
+from nnwheel.wrap import WrapRequest
+from nnwheel.wrap import wrap as wrap_in_process
 
 
 class Tagger(nn.Module):
@@ -107,6 +116,19 @@ def programs(tmp_path_factory) -> dict[str, Path]:
     return {name: _save(*spec, directory / f"{name}.pt2") for name, spec in _programs().items()}
 
 
+def _wrap_both_ways(tmp_path: Path, monkeypatch, checkpoint: Path) -> tuple[Path, Path, list]:
+    """The plain wheel (torch.export.load, a real run) and the large-program one (threshold 0), and the real
+    runs the latter made."""
+    request = WrapRequest(checkpoint, "exported")
+    plain = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
+    runs = []
+    real_run = trial.real_run
+    monkeypatch.setattr("nnwheel.wrap.real_run", lambda *args: (runs.append(args), real_run(*args))[1])
+    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    large = wrap_in_process(replace(request, out_dir=tmp_path / "large"))
+    return plain, large, runs
+
+
 @pytest.mark.parametrize("name", list(_programs()))
 def test_archive_schema_is_torchs(programs, name):
     """Inputs as torch.export.load gives them; outputs as the module's run on the trial's zeros gives them."""
@@ -127,9 +149,34 @@ def test_archive_schema_is_torchs(programs, name):
     assert interface.trial_schema() == expected
 
 
-def test_output_size_that_needs_a_run_gives_no_answer(tmp_path):
+@pytest.mark.parametrize("name", list(_programs()))
+def test_large_program_wheel_is_the_plain_paths_without_a_run(tmp_path, monkeypatch, programs, name):
+    plain, large, runs = _wrap_both_ways(tmp_path, monkeypatch, programs[name])
+    assert large.read_bytes() == plain.read_bytes()
+    assert runs == []
+
+
+def test_output_size_that_needs_a_run_takes_the_real_run(tmp_path, monkeypatch):
     path = _save(Pending(), (torch.ones(2, 3),), ({0: Dim("batch")},), tmp_path / "pending.pt2")
     assert read_export_interface(path) is None
+    plain, large, runs = _wrap_both_ways(tmp_path, monkeypatch, path)
+    assert large.read_bytes() == plain.read_bytes()
+    assert len(runs) == 1
+
+
+def test_free_size_the_program_refuses_fails_as_the_real_run_does(tmp_path, monkeypatch):
+    """Sizes of at least 5: the trial's zeros (size 2) do not fit, on either path."""
+    path = _save(nn.Linear(4, 2), (torch.zeros(6, 4),), ({0: Dim("batch", min=5)},), tmp_path / "min5.pt2")
+    interface = read_export_interface(path)
+    assert interface is not None and interface.trial_schema() is None
+    request = WrapRequest(path, "min-five", out_dir=tmp_path / "dist")
+    with pytest.raises(SchemaError, match="the model failed on the example") as plain:
+        wrap_in_process(request)
+    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    with pytest.raises(SchemaError, match="the model failed on the example") as large:
+        wrap_in_process(request)
+    assert str(large.value) == str(plain.value)
+    assert list((tmp_path / "dist").iterdir()) == []
 
 
 @pytest.mark.parametrize("change", ["schema major", "nested output", "unknown input kind", "cuda tensor"])
@@ -160,3 +207,21 @@ def test_a_layout_the_reader_does_not_know_gives_no_answer(programs, tmp_path, c
             archive.writestr(member, data)
     assert read_export_interface(source) is not None
     assert read_export_interface(changed) is None
+
+
+def test_large_program_is_wrapped_without_importing_torch(tmp_path):
+    """The CLI, in a new process: the whole wrap of a large .pt2 never imports torch."""
+    path = _save(Tagger().eval(), (torch.zeros(2, 7, dtype=torch.long), torch.ones(2, 1)),
+                 ({0: Dim("batch"), 1: Dim("length")}, {0: Dim("batch")}), tmp_path / "tagger.pt2")
+    code = textwrap.dedent(f"""\
+        import sys
+        from nnwheel import trial
+        from nnwheel.cli import main
+        trial.META_RUN_ABOVE_BYTES = 0
+        code = main(["wrap", {str(path)!r}, "--name", "no-torch", "--out", {str(tmp_path / "dist")!r}])
+        assert code == 0, code
+        print("torch imported:", "torch" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
+    assert [p.name for p in (tmp_path / "dist").iterdir()] == ["no_torch-0.1.0-py3-none-any.whl"]
