@@ -24,7 +24,7 @@ DEVICE_VARIABLE = f"{__name__.upper()}_DEVICE"
 __version__ = _MANIFEST["version"]
 _BATCHED = _schema.is_batched(_MANIFEST["inputs"])
 
-_models: dict[str, Any] = {}
+_models: dict[str | None, Any] = {}
 _runtime: Any = None  # the runtime module (torch, onnxruntime, ...), imported by the first load()
 _load_lock = threading.Lock()
 
@@ -39,17 +39,13 @@ def info() -> dict[str, Any]:
 
 
 def load(device: str | None = None) -> Any:
-    """The model, ready for inference on `device` (default: $DEVICE_VARIABLE or cpu). Loaded once."""
-    device = device or os.environ.get(DEVICE_VARIABLE) or "cpu"
-    model = _models.get(device)
+    """The model, ready for inference on `device` (default: $DEVICE_VARIABLE, read once, or cpu). Loaded once."""
+    model = _models.get(device)  # None is a key too, once the default is known: no os.environ on every call
     if model is None:
         with _load_lock:
-            model = _models.get(device)
-            if model is None:
-                _check_sizes()
-                global _runtime
-                _runtime = importlib.import_module("._runtime", __name__)
-                model = _models[device] = _runtime.load(_MANIFEST, files(__name__), device)
+            if device not in _models:
+                _models[device] = _load(device or os.environ.get(DEVICE_VARIABLE) or "cpu")
+            model = _models[device]
     return model
 
 
@@ -60,8 +56,10 @@ def predict(*inputs: Any, device: str | None = None) -> Any:
     or a dict. A single sample without the batch dimension is accepted when the model is batched; the
     outputs then come without it too. Raises ValueError when an input's rank, shape or dtype does not fit.
     """
+    model = _models.get(device)
+    if model is None:
+        model = load(device)
     prepared = _schema.prepare(inputs, _MANIFEST["inputs"], _BATCHED)
-    model = load(device)
     return _schema.finish(_runtime.run(model, prepared.values), prepared, _runtime.to_numpy)
 
 
@@ -78,6 +76,17 @@ def verify() -> None:
                 f"{entry['path']} has sha256 {digest.hexdigest()}, expected {entry['sha256']}: "
                 f"the installed weights were changed; reinstall with pip install --force-reinstall {_MANIFEST['name']}"
             )
+
+
+def _load(device: str) -> Any:
+    """The model on `device`, unless load() has it under that name already (it was the default). Under _load_lock."""
+    model = _models.get(device)
+    if model is None:
+        _check_sizes()
+        global _runtime
+        _runtime = importlib.import_module("._runtime", __name__)
+        model = _models[device] = _runtime.load(_MANIFEST, files(__name__), device)
+    return model
 
 
 def _check_sizes() -> None:
