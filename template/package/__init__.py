@@ -26,6 +26,7 @@ _BATCHED = _schema.is_batched(_MANIFEST["inputs"])
 
 _models: dict[str | None, Any] = {}
 _runtime: Any = None  # the runtime module (torch, onnxruntime, ...), imported by the first load()
+_expected: list[_schema.Expected] | None = None  # what _schema.ready() asks, worked out by the first load()
 _load_lock = threading.Lock()
 
 
@@ -59,8 +60,11 @@ def predict(*inputs: Any, device: str | None = None) -> Any:
     model = _models.get(device)
     if model is None:
         model = load(device)
-    prepared = _schema.prepare(inputs, _MANIFEST["inputs"], _BATCHED)
-    return _schema.finish(_runtime.run(model, prepared.values), prepared, _runtime.to_numpy)
+    values = list(inputs)  # ready() makes nested lists arrays in place: converted once, whichever path runs
+    if not _schema.ready(values, _expected):  # tensors, single samples, free dimensions, scalars, or a misfit
+        prepared = _schema.prepare(values, _MANIFEST["inputs"], _BATCHED)
+        return _schema.finish(_runtime.run(model, prepared.values), _schema.converter(prepared, _runtime.to_numpy))
+    return _schema.finish(_runtime.run(model, values), _runtime.to_numpy)
 
 
 def verify() -> None:
@@ -83,8 +87,9 @@ def _load(device: str) -> Any:
     model = _models.get(device)
     if model is None:
         _check_sizes()
-        global _runtime
+        global _runtime, _expected
         _runtime = importlib.import_module("._runtime", __name__)
+        _expected = _schema.expectations(_MANIFEST["inputs"], _BATCHED)
         model = _models[device] = _runtime.load(_MANIFEST, files(__name__), device)
     return model
 

@@ -6,7 +6,7 @@ batch dimension is accepted too: it is run as a batch of one and the outputs com
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 
 class Prepared(NamedTuple):  # not a dataclass: importing dataclasses costs more than the rest of the package
@@ -15,21 +15,68 @@ class Prepared(NamedTuple):  # not a dataclass: importing dataclasses costs more
     unbatched: bool  # a single sample was given: outputs drop the batch dimension
 
 
+class Expected(NamedTuple):
+    """What ready() asks of one input."""
+
+    dtype: Any  # a numpy dtype
+    rank: int
+    skip: int  # 1 when the model is batched: the batch dimension may have any size
+    dims: tuple[int, ...]  # the shape after the skipped dimension
+
+
 def is_batched(specs: list[dict[str, Any]]) -> bool:
     return all(spec["shape"][:1] == [-1] for spec in specs)
 
 
-def prepare(inputs: tuple[Any, ...], specs: list[dict[str, Any]], batched: bool) -> Prepared:
+def expectations(specs: list[dict[str, Any]], batched: bool) -> list[Expected] | None:
+    """What ready() asks of each input, worked out once, by the first load(): it imports numpy. None when a
+    dimension besides the batch is free or numpy lacks a dtype (bfloat16): prepare() checks all of those."""
+    numpy = _np()
+    skip = 1 if batched else 0
+    expected = []
+    for spec in specs:
+        dims = tuple(spec["shape"][skip:])
+        if -1 in dims:
+            return None
+        try:
+            dtype = numpy.dtype(spec["dtype"])
+        except TypeError:
+            return None
+        expected.append(Expected(dtype, len(spec["shape"]), skip, dims))
+    return expected
+
+
+def ready(values: list[Any], expected: list[Expected] | None) -> bool:
+    """Whether every value is a numpy array of its input's dtype and full shape, which prepare() would pass on
+    as it is: the common case, answered in a fraction of prepare()'s time. Nested lists become arrays first,
+    in place and as prepare() makes them, so that a list is converted once whichever path runs."""
+    if expected is None or len(values) != len(expected):
+        return False
+    for i, (value, (dtype, rank, skip, dims)) in enumerate(zip(values, expected)):
+        if type(value) is not _numpy.ndarray:
+            if type(value) is not list:
+                return False
+            try:
+                value = values[i] = _numpy.asarray(value, dtype)
+            except (ValueError, TypeError):
+                return False  # prepare() tries again and says what is wrong
+        # `is`: an equal dtype that is not numpy's own object (another byte order) is left to prepare()
+        if value.dtype is not dtype or value.ndim != rank or value.shape[skip:] != dims:
+            return False
+    return True
+
+
+def prepare(inputs: Sequence[Any], specs: list[dict[str, Any]], batched: bool) -> Prepared:
+    """The inputs as the model takes them: nested lists and scalars become numpy arrays of their spec's dtype,
+    a single sample gets the batch dimension. Raises ValueError naming the input that does not fit."""
     if len(inputs) != len(specs):
         names = ", ".join(spec["name"] for spec in specs)
         raise ValueError(f"predict() takes {len(specs)} input(s) ({names}), got {len(inputs)}")
-    # This runs on every predict(): plain loops, no generator expressions or sets, as each costs about a
-    # microsecond, a noticeable share of a small model's forward pass.
     values, as_tensors, unbatched = [], False, None
     for value, spec in zip(inputs, specs):
         if _is_tensor(value):
             as_tensors = True
-        elif type(value) is not _ndarray():
+        elif type(value) is not _np().ndarray:
             value = _to_array(value, spec)
         single = _check(value, spec, batched)
         if unbatched is not None and single != unbatched:
@@ -45,21 +92,20 @@ def _is_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
 
 
-def _ndarray() -> type:
-    global _NDARRAY
-    if _NDARRAY is None:  # numpy is imported on the first predict(), not with the package
+def _np() -> Any:
+    global _numpy
+    if _numpy is None:  # numpy is imported on the first predict(), not with the package
         import numpy
 
-        _NDARRAY = numpy.ndarray
-    return _NDARRAY
+        _numpy = numpy
+    return _numpy
 
 
-_NDARRAY: type | None = None
+_numpy: Any = None
 
 
 def _to_array(value: Any, spec: dict[str, Any]) -> Any:
-    import numpy as np
-
+    np = _np()
     if isinstance(value, np.ndarray):
         return value
     try:
@@ -98,23 +144,27 @@ def _fits(shape: tuple[int, ...], expected: list[int]) -> bool:
 
 
 def _has_dtype(value: Any, name: str) -> bool:
-    # A numpy dtype compares with its name in a fraction of a microsecond; str(dtype) takes several, which is
-    # a noticeable share of predict() on a small model.
+    # A numpy dtype compares with its name in a fraction of a microsecond; str(dtype) takes several.
     if _is_tensor(value):
         return str(value.dtype) == f"torch.{name}"
     return value.dtype == name
 
 
-def finish(outputs: Any, prepared: Prepared, to_numpy: Callable[[Any], Any]) -> Any:
-    """Give the outputs in the model's structure, as numpy arrays unless the caller passed tensors."""
+def converter(prepared: Prepared, to_numpy: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """How prepare()'s caller gets each output: as numpy unless it passed tensors, without the batch
+    dimension when it passed a single sample."""
+    as_given = _unchanged if prepared.as_tensors else to_numpy
+    return (lambda output: as_given(output[0])) if prepared.unbatched else as_given
 
-    def convert(output: Any) -> Any:
-        if prepared.unbatched:
-            output = output[0]
-        return output if prepared.as_tensors else to_numpy(output)
 
+def _unchanged(output: Any) -> Any:
+    return output
+
+
+def finish(outputs: Any, convert: Callable[[Any], Any]) -> Any:
+    """The outputs in the model's structure (one, a tuple or a dict), each through `convert`."""
     if isinstance(outputs, dict):
         return {name: convert(output) for name, output in outputs.items()}
     if isinstance(outputs, (tuple, list)):
-        return tuple(convert(output) for output in outputs)
+        return tuple([convert(output) for output in outputs])
     return convert(outputs)
