@@ -15,13 +15,10 @@ class Prepared(NamedTuple):  # not a dataclass: importing dataclasses costs more
     unbatched: bool  # a single sample was given: outputs drop the batch dimension
 
 
-class Expected(NamedTuple):
-    """What ready() asks of one input."""
-
-    dtype: Any  # a numpy dtype
-    rank: int
-    skip: int  # 1 when the model is batched: the batch dimension may have any size
-    dims: tuple[int, ...]  # the shape after the skipped dimension
+# What ready() asks of one input: (numpy dtype, rank, skip, dims), where skip is 1 when the model is batched
+# (the batch dimension may have any size) and dims is the shape after it. A plain tuple, not a NamedTuple:
+# ready() unpacks one per input on every call, and only an exact tuple unpacks at full speed.
+Expected = tuple[Any, int, int, tuple[int, ...]]
 
 
 def is_batched(specs: list[dict[str, Any]]) -> bool:
@@ -42,7 +39,7 @@ def expectations(specs: list[dict[str, Any]], batched: bool) -> list[Expected] |
             dtype = numpy.dtype(spec["dtype"])
         except TypeError:
             return None
-        expected.append(Expected(dtype, len(spec["shape"]), skip, dims))
+        expected.append((dtype, len(spec["shape"]), skip, dims))
     return expected
 
 
@@ -52,7 +49,9 @@ def ready(values: list[Any], expected: list[Expected] | None) -> bool:
     in place and as prepare() makes them, so that a list is converted once whichever path runs."""
     if expected is None or len(values) != len(expected):
         return False
-    for i, (value, (dtype, rank, skip, dims)) in enumerate(zip(values, expected)):
+    i = 0  # an index, not enumerate(zip()): building those two costs as much as all the checks
+    for dtype, rank, skip, dims in expected:
+        value = values[i]
         if type(value) is not _numpy.ndarray:
             if type(value) is not list:
                 return False
@@ -63,6 +62,7 @@ def ready(values: list[Any], expected: list[Expected] | None) -> bool:
         # `is`: an equal dtype that is not numpy's own object (another byte order) is left to prepare()
         if value.dtype is not dtype or value.ndim != rank or value.shape[skip:] != dims:
             return False
+        i += 1
     return True
 
 
