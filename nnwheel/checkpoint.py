@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, UsageError, first_line
+from .progress import Progress
 
 if TYPE_CHECKING:
     import torch
 
-# sha256_of runs on a second thread while the first runs Python (import torch): each chunk costs it a wait
+# sha256_of often runs on a second thread while the first runs Python (import torch): each chunk costs it a wait
 # for the GIL (up to the 5 ms switch interval), so it reads few, large chunks into one buffer.
 _HASH_CHUNK = 16 << 20
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
@@ -100,12 +101,14 @@ def check_export_archive(path: Path) -> None:
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256, with a progress bar on a terminal for large files."""
     digest = hashlib.sha256()
     buffer = bytearray(_HASH_CHUNK)
     view = memoryview(buffer)
-    with path.open("rb") as file:
+    with path.open("rb") as file, Progress(path.stat().st_size, f"hashing {path.name}") as progress:
         while n := file.readinto(buffer):
             digest.update(view[:n])
+            progress.advance(n)
     return digest.hexdigest()
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 from . import index
+from .checkpoint import sha256_of
 from .manifest import MANIFEST_NAME
 from .models import ENTRY_POINT_GROUP
-from .progress import Progress
 from .errors import (
     AlreadyReleasedError,
     AuthenticationError,
@@ -75,12 +75,7 @@ class ModelWheel:
     @functools.cached_property
     def sha256(self) -> str:
         """Hashed only when the index already has a file of this name: a model wheel can take seconds."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as file, Progress(self.size, f"hashing {self.path.name}") as progress:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-                progress.advance(len(chunk))
-        return digest.hexdigest()
+        return sha256_of(self.path)
 
 
 def resolve_target(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import sha256_of
 from .errors import ArchitectureError, CheckpointError
 from .progress import Progress
 
@@ -233,13 +234,7 @@ def link_weights(source: Path, destination: Path) -> str:
         destination.hardlink_to(source)
     except OSError:  # another file system, or one without hard links
         return copy_weights(source, destination)
-    size = source.stat().st_size
-    digest = hashlib.sha256()
-    with _ChunkReader(source, _HASH_CHUNK_BYTES) as reader, Progress(size, f"hashing {source.name}") as progress:
-        for chunk in reader.chunks(0, size):
-            digest.update(chunk)
-            progress.advance(len(chunk))
-    return digest.hexdigest()
+    return sha256_of(source)
 
 
 def _write_hashed(chunks: Iterable[memoryview], path: Path, label: str, total: int) -> str:
