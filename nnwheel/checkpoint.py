@@ -18,9 +18,9 @@ from .progress import Progress
 if TYPE_CHECKING:
     import torch
 
-# sha256_of often runs on a second thread while the first runs Python (import torch): each chunk costs it a wait
+# Hashes often run on a second thread while the first runs Python (import torch): each chunk costs it a wait
 # for the GIL (up to the 5 ms switch interval), so it reads few, large chunks into one buffer.
-_HASH_CHUNK = 16 << 20
+HASH_CHUNK_BYTES = 16 << 20
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
 
 # Keys under which training scripts commonly nest the model's state_dict.
@@ -100,15 +100,17 @@ def check_export_archive(path: Path) -> None:
         )
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256, with a progress bar on a terminal for large files."""
+def sha256_of(path: Path, progress: bool = True) -> str:
+    """The file's sha256, with a progress bar on a terminal for large files unless `progress` is False (on a
+    second thread, beside the main thread's own bars)."""
     digest = hashlib.sha256()
-    buffer = bytearray(_HASH_CHUNK)
+    buffer = bytearray(HASH_CHUNK_BYTES)
     view = memoryview(buffer)
-    with path.open("rb") as file, Progress(path.stat().st_size, f"hashing {path.name}") as progress:
+    size = path.stat().st_size if progress else 0  # Progress draws nothing for 0 bytes
+    with path.open("rb") as file, Progress(size, f"hashing {path.name}") as bar:
         while n := file.readinto(buffer):
             digest.update(view[:n])
-            progress.advance(n)
+            bar.advance(n)
     return digest.hexdigest()
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import sha256_of
+from .checkpoint import HASH_CHUNK_BYTES, sha256_of
 from .errors import ArchitectureError, CheckpointError
 from .progress import Progress
 
@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 # Large enough that per-call costs vanish next to hashing and copying, small enough to stay out of the footprint.
 _CHUNK_BYTES = 1 << 20
-# Hashing alone, on a second thread while the first runs Python: every chunk costs this thread a wait for
-# the GIL (up to the 5 ms switch interval), so it takes fewer, larger chunks.
-_HASH_CHUNK_BYTES = 16 << 20
 
 _SAFETENSORS_DTYPES = {
     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
@@ -163,7 +160,7 @@ class SafetensorsLayout:
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
-        for chunk in self.chunks(_HASH_CHUNK_BYTES):
+        for chunk in self.chunks(HASH_CHUNK_BYTES):  # often on a second thread: see HASH_CHUNK_BYTES
             digest.update(chunk)
         return digest.hexdigest()
 

@@ -70,7 +70,7 @@ def wrap(request: WrapRequest) -> Path:
         with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
             # A state_dict is converted, so its source is hashed on the second core meanwhile; every other
             # format goes into the package as it is, and the hash taken then is the source's.
-            converted_source_sha256 = hasher.submit(sha256_of, checkpoint.path) if checkpoint.needs_arch else None
+            converted_source_sha256 = hasher.submit(sha256_of, checkpoint.path, progress=False) if checkpoint.needs_arch else None
             project = Path(tmp) / "project"
             package = project / names.import_name
             package.mkdir(parents=True)
