@@ -21,8 +21,12 @@ if TYPE_CHECKING:
 # Hashes often run on a second thread while the first runs Python (import torch): each chunk costs it a wait
 # for the GIL (up to the 5 ms switch interval), so it reads few, large chunks into one buffer.
 HASH_CHUNK_BYTES = 16 << 20
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # torch.save's non-zip format: pickled magic number
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
 
+# Words in the weights-only unpickler's messages when it refuses a global or a call; its other messages
+# ("Unsupported operand", "String is too long", ...) mean the bytes are not a valid pickle.
+UNSAFE_PICKLE_WORDS = ("GLOBAL", "allowlist", "add_safe_globals", "reduce for unrecognized", "must be imported", "Module")
 # Keys under which training scripts commonly nest the model's state_dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 # Prefixes wrappers add to every key: DataParallel/DDP ("module.") and torch.compile ("_orig_mod.").
@@ -117,12 +121,12 @@ def sha256_of(path: Path, progress: bool = True) -> str:
 def detect_format(path: Path) -> Format:
     """Decide from the first bytes and, for zip archives, the member names; the suffix does not count."""
     with path.open("rb") as file:
-        head = file.read(16)
+        head = file.read(len(TORCH_LEGACY_MAGIC))
     if zipfile.is_zipfile(path):
         return _detect_zip_format(path)
     if _looks_like_safetensors(path, head):
         return Format.SAFETENSORS
-    if head[:1] == b"\x80":  # pickle protocol 2+: torch.save's legacy (non-zip) format
+    if head == TORCH_LEGACY_MAGIC:
         return Format.STATE_DICT
     if head.startswith(HDF5_MAGIC):
         return Format.KERAS
@@ -197,17 +201,21 @@ def _load_pickle(path: Path) -> Any:
 
     try:
         # weights_only=True: torch's allowlist unpickler; a payload that needs any other global is refused
-        # before it can run. mmap=True keeps the tensors on disk (zip format only).
+        # before it can run. mmap=True keeps the tensors on disk (zip format only). On garbage bytes it can
+        # also fail with IndexError or KeyError (its stack and memo).
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         raise _refusal(path, str(error)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile) as error:
         raise CheckpointError(
             f"{path} is truncated or corrupt and cannot be read ({first_line(error)}); save it again"
         ) from None
 
 
 def _refusal(path: Path, message: str) -> CheckpointError:
+    if not any(word in message for word in UNSAFE_PICKLE_WORDS):
+        reason = message.split("WeightsUnpickler error:", 1)[-1].strip().partition("\n")[0]
+        return CheckpointError(f"{path} is a corrupt pickle ({reason}); save the checkpoint again")
     if "torch.nn.modules" in message or "Module" in message:
         return CheckpointError(f"{path} holds a pickled nn.Module, which can run code when loaded. {SAVE_ADVICE}")
     unsafe = message.split("Unsupported global: GLOBAL ", 1)[-1].split(" ", 1)[0] if "GLOBAL" in message else ""

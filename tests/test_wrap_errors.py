@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,23 @@ def test_truncated_checkpoint(tmp_path, capsys):
     assert "corrupt" in line or "not a checkpoint" in line
 
 
-def test_random_bytes(tmp_path, capsys):
-    (tmp_path / "noise.pth").write_bytes(os.urandom(4096))
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes(tmp_path, capsys, seed):
+    noise = random.Random(seed).randbytes(4096)
+    (tmp_path / "noise.pth").write_bytes(noise)
     line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "noise.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
     assert "not a checkpoint nnwheel can read" in line
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_legacy_torch_save_header_then_garbage_is_corrupt_not_unsafe(tmp_path, capsys, seed):
+    """Random bytes after torch.save's magic number trip the weights-only unpickler on an opcode, not a global."""
+    real = tmp_path / "real.pth"
+    torch.save({"weight": torch.zeros(3)}, real, _use_new_zipfile_serialization=False)
+    header = real.read_bytes()[:16]  # the pickled magic number
+    (tmp_path / "cut.pth").write_bytes(header + b"\x80" + random.Random(seed).randbytes(4096))
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "cut.pth", "--name", "m", "--arch", ARCH, "--input-shape", "-1,64")
+    assert "corrupt" in line and "allowlist" not in line
 
 
 class _RunsCode:
