@@ -64,9 +64,9 @@ def build_wheel(project_dir: Path, out_dir: Path, streamed: Mapping[Path, Stream
         files = list(builder.recurse_included_files())
     target = out_dir / f"{builder.artifact_project_id}-{build_data['tag']}.whl"
     total_bytes = sum(os.path.getsize(included.path) for included in files)
-    with _atomic_output(target) as partial:
+    with _atomic_output(target) as output:
         with (
-            StreamingWheelArchive(partial, builder.artifact_project_id) as archive,
+            StreamingWheelArchive(output, builder.artifact_project_id) as archive,
             RecordFile() as records,
             Progress(total_bytes, f"writing {target.name}") as progress,
         ):
@@ -115,8 +115,12 @@ def _build_data(builder: WheelBuilder) -> dict[str, Any]:
 
 
 @contextmanager
-def _atomic_output(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside target; on success it becomes target, on any error it is removed."""
+def _atomic_output(target: Path) -> Iterator[BinaryIO]:
+    """Yield a file open for writing beside target; on success it becomes target, on any error it is removed.
+
+    The file is written through the descriptor that created it: reopening it with truncation would make ext4
+    (auto_da_alloc) start writing it all back to disk when it is closed, a third of a second per GiB.
+    """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -125,10 +129,10 @@ def _atomic_output(target: Path) -> Iterator[Path]:
             f"cannot write the wheel into {target.parent}: {error.strerror}. "
             "Choose a directory you can write to, or fix its permissions."
         ) from error
-    os.close(fd)
     partial = Path(name)
     try:
-        yield partial
+        with os.fdopen(fd, "w+b") as file:
+            yield file
         normalize_artifact_permissions(name)
         os.replace(partial, target)
     except BaseException as error:
@@ -143,11 +147,11 @@ def _atomic_output(target: Path) -> Iterator[Path]:
 class StreamingWheelArchive:
     """A wheel zip with hatchling's entry layout; stands in for hatchling's WheelArchive."""
 
-    def __init__(self, path: Path, project_id: str) -> None:
+    def __init__(self, output: BinaryIO, project_id: str) -> None:
         self.metadata_directory = f"{project_id}.dist-info"
         # SOURCE_DATE_EPOCH (default 2020-02-02), clamped to 1980 as zip requires: hatchling's rule.
         self.time_tuple = WheelArchive.get_reproducible_time_tuple()
-        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
+        self._zip = zipfile.ZipFile(output, "w", compression=zipfile.ZIP_DEFLATED)
         self._hasher = ThreadPoolExecutor(max_workers=1)
         self._buffer = bytearray(_CHUNK_BYTES)
         self._view = memoryview(self._buffer)
