@@ -205,6 +205,8 @@ class DeferredWeights:
 
     def write(self) -> None:
         if not self.written:
+            # A new file rather than the placeholder truncated: ext4 writes a truncated file back on close.
+            self.path.unlink()
             if self.layout.write(self.path) != self.sha256:
                 raise CheckpointError(changed_while_wrapping(self.path.name))
             self.written = True
