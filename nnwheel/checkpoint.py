@@ -53,6 +53,7 @@ class Checkpoint:
     path: Path
     format: Format
     size: int
+    modified_ns: int
 
     @property
     def needs_arch(self) -> bool:
@@ -65,7 +66,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} does not exist: check the path of the checkpoint")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file: pass the checkpoint file itself")
-    size = path.stat().st_size
+    stat = path.stat()
+    size = stat.st_size
     if size == 0:
         raise CheckpointError(f"{path} is empty: the checkpoint was not saved completely; save it again")
     try:
@@ -74,7 +76,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
     if checkpoint_format is Format.TORCH_EXPORT:
         check_export_archive(path)
-    return Checkpoint(path=path, format=checkpoint_format, size=size)
+    return Checkpoint(path=path, format=checkpoint_format, size=size, modified_ns=stat.st_mtime_ns)
+
+
+def check_unchanged(checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint written to while it was wrapped: the package would mix its old and new bytes."""
+    stat = checkpoint.path.stat()
+    if (stat.st_size, stat.st_mtime_ns) != (checkpoint.size, checkpoint.modified_ns):
+        raise CheckpointError(f"{checkpoint.path} changed while it was being wrapped; wrap it again once it is saved")
 
 
 def check_export_archive(path: Path) -> None:

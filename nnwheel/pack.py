@@ -6,7 +6,6 @@ programs (torch.export, TorchScript), ONNX and Keras files go in as they are (ha
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,14 +45,16 @@ class Packed:
     deferred: tuple[DeferredWeights, ...] = ()  # placeholders in the package until written (see DeferredWeights)
 
     def weight_files(self) -> tuple[WeightsFile, ...]:
-        """Every weights file of the package, waiting for the hashes of deferred ones."""
+        """Every weights file of the package; deferred ones must have been written (into it or the wheel)."""
+        for deferred in self.deferred:
+            assert deferred.sha256 is not None, f"{deferred.path.name} is not written yet"
         return (*self.weights, *(WeightsFile(d.path.name, d.sha256, d.layout.size) for d in self.deferred))
 
 
-def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None, background: Executor) -> Packed:
-    """Fill the package with the model's files; `background` hashes deferred weights on a second core."""
+def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None) -> Packed:
+    """Fill the package with the model's files."""
     if checkpoint.needs_arch:
-        return _pack_state_dict(checkpoint, request, package, example, background)
+        return _pack_state_dict(checkpoint, request, package, example)
     if request.arch is not None:
         raise UsageError(f"{checkpoint.path} is a {checkpoint.format.value} program with its own code; drop --arch")
     if checkpoint.format in (Format.ONNX, Format.KERAS, Format.TORCH_EXPORT) and request.input_specs:
@@ -86,7 +87,7 @@ def _pack_export(source: Path, package: Path, example: list | None, requirements
 
 
 def _pack_state_dict(
-    checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None, background: Executor
+    checkpoint: Checkpoint, request: WrapRequest, package: Path, example: list | None
 ) -> Packed:
     # Reading first: a pickle that is not a plain state_dict is refused before anything else is said.
     state_dict = load_state_dict(checkpoint, key=request.state_dict_key, strip_prefix=request.strip_prefix)
@@ -105,7 +106,7 @@ def _pack_state_dict(
     path = package / "model.safetensors"
     layout = SafetensorsLayout(fitted.tensors, source=checkpoint.path)
     if is_large(layout.size):  # the meta-device trial run reads none of them: they can wait for the wheel
-        deferred, weights = (DeferredWeights.reserve(layout, path, background),), ()
+        deferred, weights = (DeferredWeights.reserve(layout, path),), ()
     else:
         deferred, weights = (), (WeightsFile(path.name, layout.write(path), layout.size),)
     arch = Arch(

@@ -42,16 +42,20 @@ def write_manifest(package: Path, manifest: Manifest) -> None:
 
 def write_project_files(project_dir: Path, manifest: Manifest, metadata: ProjectMetadata) -> None:
     """pyproject.toml and README.md (the model card, which becomes the wheel's description)."""
+    write_pyproject(project_dir, manifest.name, manifest.version, manifest.import_name, metadata)
+    (project_dir / "README.md").write_text(model_card(manifest, metadata), encoding="utf-8")
+
+
+def write_pyproject(project_dir: Path, name: str, version: str, import_name: str, metadata: ProjectMetadata) -> None:
     pyproject = Template((TEMPLATE_DIR / "pyproject.toml").read_text(encoding="utf-8")).substitute(
-        name=json.dumps(manifest.name),
-        version=json.dumps(manifest.version),
+        name=json.dumps(name),
+        version=json.dumps(version),
         summary=json.dumps(metadata.summary),
         dependencies=json.dumps(list(metadata.requirements)),
         optional_metadata=_optional_metadata(metadata),
-        import_name=manifest.import_name,
+        import_name=import_name,
     )
     (project_dir / "pyproject.toml").write_text(pyproject, encoding="utf-8")
-    (project_dir / "README.md").write_text(model_card(manifest, metadata), encoding="utf-8")
 
 
 def _optional_metadata(metadata: ProjectMetadata) -> str:

@@ -16,12 +16,12 @@ import struct
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import HASH_CHUNK_BYTES, sha256_of
+from .checkpoint import sha256_of
 from .errors import ArchitectureError, CheckpointError
 from .progress import Progress
 
@@ -158,12 +158,6 @@ class SafetensorsLayout:
         """Write the file and return its sha256."""
         return _write_hashed(self.chunks(), path, f"writing {path.name}", self.size)
 
-    def sha256(self) -> str:
-        digest = hashlib.sha256()
-        for chunk in self.chunks(HASH_CHUNK_BYTES):  # often on a second thread: see HASH_CHUNK_BYTES
-            digest.update(chunk)
-        return digest.hexdigest()
-
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: Path | None = None) -> str:
     """Write tensors as one safetensors file; return its sha256. See SafetensorsLayout for `source`."""
@@ -174,7 +168,6 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: P
 class StreamedFile:
     """A file's bytes produced while the wheel is written, instead of read back from the project directory."""
 
-    sha256: str  # known beforehand (the manifest records it); the wheel writer checks what it wrote against it
     chunks: Callable[[], Iterable[memoryview]]
 
 
@@ -182,41 +175,38 @@ class StreamedFile:
 class DeferredWeights:
     """Large weights written once, straight into the wheel, instead of twice (into the package, then the wheel).
 
-    Until write() is called, the package holds a sparse placeholder of the file's size, so that the wheel
-    builder lists and sizes it like any other file. Whatever must read the weights themselves (a real trial
-    run, --source-dir, --to onnx) calls write() first. The manifest needs their sha256 before the wheel is
-    written: it is computed in the background (reading the checkpoint, writing nothing) meanwhile.
+    Until then the package holds a sparse placeholder of the file's size, so that the wheel builder lists and
+    sizes it like any other file; the wheel writer hashes the bytes as it writes them, and the manifest, which
+    comes after them in the wheel, records that sha256. Whatever must read the weights themselves (a real trial
+    run, --source-dir, --to onnx) calls write() first.
     """
 
     path: Path
     layout: SafetensorsLayout
-    _sha256: Future[str]
-    written: bool = False
+    sha256: str | None = None  # known once the bytes are written, into the package or into the wheel
+    written: bool = False  # into the package
 
     @classmethod
-    def reserve(cls, layout: SafetensorsLayout, path: Path, background: Executor) -> DeferredWeights:
+    def reserve(cls, layout: SafetensorsLayout, path: Path) -> DeferredWeights:
         with path.open("wb") as placeholder:
             placeholder.truncate(layout.size)
-        return cls(path, layout, background.submit(layout.sha256))
-
-    @property
-    def sha256(self) -> str:
-        return self._sha256.result()
+        return cls(path, layout)
 
     def write(self) -> None:
-        if not self.written:
-            # A new file rather than the placeholder truncated: ext4 writes a truncated file back on close.
-            self.path.unlink()
-            if self.layout.write(self.path) != self.sha256:
-                raise CheckpointError(changed_while_wrapping(self.path.name))
-            self.written = True
+        if self.written:
+            return
+        # A new file rather than the placeholder truncated: ext4 writes a truncated file back on close.
+        self.path.unlink()
+        sha256 = self.layout.write(self.path)
+        if self.sha256 is not None and sha256 != self.sha256:  # the wheel already holds other bytes
+            raise CheckpointError(
+                f"the bytes of {self.path.name} changed while it was being wrapped; was the checkpoint modified "
+                "meanwhile? Wrap again"
+            )
+        self.sha256, self.written = sha256, True
 
     def streamed(self) -> StreamedFile:
-        return StreamedFile(self.sha256, self.layout.chunks)
-
-
-def changed_while_wrapping(name: str) -> str:
-    return f"the bytes of {name} changed while it was being wrapped; was the checkpoint modified meanwhile? Wrap again"
+        return StreamedFile(self.layout.chunks)
 
 
 def copy_weights(source: Path, destination: Path) -> str:

@@ -16,7 +16,7 @@ import hashlib
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,26 +52,46 @@ _CHUNK_BYTES = 1 << 20
 _UNSUPPORTED_OPTIONS = ("hooks", "shared-data", "shared-scripts", "extra-metadata", "sbom-files")
 
 
-def build_wheel(project_dir: Path, out_dir: Path, streamed: Mapping[Path, StreamedFile] | None = None) -> Path:
+def build_wheel(
+    project_dir: Path,
+    out_dir: Path,
+    streamed: Mapping[Path, StreamedFile] | None = None,
+    complete: Callable[[dict[Path, str]], None] | None = None,
+) -> Path:
     """Build the project's py3-none-any wheel into out_dir and return its path.
 
     The files named in `streamed` are placeholders in the project: their bytes come from the StreamedFile.
+    `complete`, if given, is called with their sha256s once the last of them is in the wheel: it may then
+    rewrite the files that come after them in the wheel (listed before: they must exist already), and
+    README.md, which is read for METADATA after it.
     """
-    streamed_by_path = {os.path.realpath(path): file for path, file in (streamed or {}).items()}
+    streamed = streamed or {}
+    streamed_paths = {os.path.realpath(path): path for path in streamed}
     builder = _hatchling_builder(project_dir)
     build_data = _build_data(builder)
     with builder.config.set_build_data(build_data):
         files = list(builder.recurse_included_files())
     target = out_dir / f"{builder.artifact_project_id}-{build_data['tag']}.whl"
+    sources = [streamed_paths.get(os.path.realpath(included.path)) for included in files]
+    split = 1 + max((i for i, source in enumerate(sources) if source is not None), default=-1)  # after the last
     total_bytes = sum(os.path.getsize(included.path) for included in files)
+    hashes: dict[Path, str] = {}
     with _atomic_output(target) as output:
         with (
             StreamingWheelArchive(output, builder.artifact_project_id) as archive,
             RecordFile() as records,
             Progress(total_bytes, f"writing {target.name}") as progress,
         ):
-            for included in files:
-                records.write(archive.add_file(included, progress, streamed_by_path.get(os.path.realpath(included.path))))
+            for included, source in zip(files[:split], sources[:split]):
+                row, sha256 = archive.add_file(included, progress, streamed[source] if source else None)
+                records.write(row)
+                if source is not None:
+                    hashes[source] = sha256
+            if complete is not None:
+                complete(hashes)
+                builder = _hatchling_builder(project_dir)  # its metadata, from the README just written
+            for included in files[split:]:
+                records.write(archive.add_file(included, progress)[0])
             # hatchling's own code writes METADATA, WHEEL, entry_points.txt and licenses/, in its order.
             builder.write_metadata(archive, records, build_data)
             records.write((f"{archive.metadata_directory}/RECORD", "", ""))
@@ -156,8 +176,10 @@ class StreamingWheelArchive:
         self._buffer = bytearray(_CHUNK_BYTES)
         self._view = memoryview(self._buffer)
 
-    def add_file(self, included: IncludedFile, progress: Progress, streamed: StreamedFile | None = None) -> tuple[str, str, str]:
-        """Copy one package file into the wheel, hashing it on the way; return its RECORD row."""
+    def add_file(
+        self, included: IncludedFile, progress: Progress, streamed: StreamedFile | None = None
+    ) -> tuple[tuple[str, str, str], str]:
+        """Copy one package file into the wheel, hashing it on the way; return its RECORD row and hex sha256."""
         archive_path = normalize_archive_path(included.distribution_path)
         file_stat = os.stat(included.path)
         zip_info = zipfile.ZipInfo(archive_path, self.time_tuple)
@@ -177,12 +199,8 @@ class StreamingWheelArchive:
                 entry.write(chunk)
                 hashed.result()
                 progress.advance(len(chunk))
-        if streamed and digest.hexdigest() != streamed.sha256:
-            raise BuildError(
-                f"the bytes written for {archive_path} differ from the sha256 its manifest records: "
-                "was the checkpoint changed while it was being wrapped? Wrap again"
-            )
-        return archive_path, f"sha256={format_file_hash(digest.digest())}", str(file_stat.st_size)
+        row = (archive_path, f"sha256={format_file_hash(digest.digest())}", str(file_stat.st_size))
+        return row, digest.hexdigest()
 
     def _read(self, source: BinaryIO) -> Iterable[memoryview]:
         while n := source.readinto(self._buffer):

@@ -10,19 +10,19 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .arch import ArchSpec
-from .checkpoint import Checkpoint, Format, read_checkpoint, sha256_of
+from .checkpoint import Checkpoint, Format, check_unchanged, read_checkpoint, sha256_of
 from .errors import ConversionError, OutputError, UsageError
-from .manifest import Manifest, Source
-from .names import parse_package_name, parse_version
+from .manifest import MANIFEST_NAME, Manifest, Source
+from .names import PackageName, parse_package_name, parse_version
 from .pack import Packed, pack, pack_onnx, torch_version
-from .render import ProjectMetadata, write_manifest, write_package_code, write_project_files
+from .render import ProjectMetadata, write_manifest, write_package_code, write_project_files, write_pyproject
 from .schema import (
     TensorSpec,
     example_for,
@@ -55,88 +55,148 @@ class WrapRequest:
     to: str | None = None  # "onnx": convert a PyTorch model at wrap time
 
 
+@dataclass(frozen=True)
+class _Details:
+    """The request's checked package details."""
+
+    names: PackageName
+    version: str
+    requires: tuple[str, ...]
+    license: str | None
+    model_card: str | None
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What wrap has made before the manifest: the package's files, and the work still running on a second thread."""
+
+    tmp: Path
+    project: Path
+    package: Path
+    packed: Packed
+    example: list | None
+    meta: MetaBuild | None
+    meta_outputs: Future[Any] | None  # the meta-device run's outputs; None inside where it cannot answer
+    source_sha256: Future[str] | None  # a converted checkpoint's; other formats' is their weights file's
+
+
 def wrap(request: WrapRequest) -> Path:
     names = parse_package_name(request.name)
-    version = parse_version(request.version)
-    requires = _check_requirements(request.requires)
-    license = _check_license(request.license)
+    details = _Details(
+        names=names,
+        version=parse_version(request.version),
+        requires=_check_requirements(request.requires),
+        license=_check_license(request.license),
+        model_card=_read_model_card(request.readme),
+    )
     _check_writable(request.out_dir)
-    model_card = _read_model_card(request.readme)
     checkpoint = read_checkpoint(request.checkpoint)
     _check_conversion(checkpoint, request.to)
     if request.source_dir is not None and request.source_dir.exists() and any(request.source_dir.iterdir()):
         raise OutputError(f"--source-dir {request.source_dir} is not empty; give a new or empty directory")
+    from .wheel import build_wheel
+
     try:
-        with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=1) as hasher:
-            # A state_dict is converted, so its source is hashed on the second core meanwhile; every other
-            # format goes into the package as it is, and the hash taken then is the source's.
-            converted_source_sha256 = hasher.submit(sha256_of, checkpoint.path, progress=False) if checkpoint.needs_arch else None
+        with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=2) as background:
+            # A state_dict is converted: its source is hashed on the second core meanwhile.
+            source_sha256 = background.submit(sha256_of, checkpoint.path, progress=False) if checkpoint.needs_arch else None
             project = Path(tmp) / "project"
             package = project / names.import_name
             package.mkdir(parents=True)
             example = load_example(request.example) if request.example else None
-            packed = pack(checkpoint, request, package, example, background=hasher)
+            packed = pack(checkpoint, request, package, example)
             write_package_code(package, runtime=packed.runtime)
             meta = _meta_build(package, packed, checkpoint, request.arch)
-            # The meta run needs no manifest: it goes first, while deferred weights are hashed on the other core.
-            outputs = meta_run(package, example or example_for(packed.inputs), meta) if meta is not None else None
-            manifest = Manifest(
-                name=names.distribution,
-                import_name=names.import_name,
-                version=version,
-                format=checkpoint.format.value,
-                runtime=packed.runtime,
-                weights=packed.weight_files(),
-                inputs=packed.inputs,
-                outputs=packed.outputs.specs if packed.outputs else (),
-                output_structure=packed.outputs.structure if packed.outputs else "tensor",
-                source=Source(
-                    checkpoint.path.name,
-                    converted_source_sha256.result() if converted_source_sha256 else packed.weights[0].sha256,
-                    checkpoint.size,
-                ),
-                nnwheel_version=__version__,
-                torch_version=None if packed.runtime == "onnxruntime" else torch_version(),
-                arch=packed.arch,
-            )
-            write_manifest(package, manifest)
-            if packed.runtime == "keras":
-                manifest = replace(manifest, inputs=keras_inputs(package))
-                write_manifest(package, manifest)
-            if outputs is None and packed.run_at_wrap:
-                outputs = real_run(package, example or zeros_for(manifest), packed.deferred)
-            if packed.outputs is None:
-                schema = output_schema(outputs, is_batched(manifest.inputs))
-                if example is None and has_free_inner_dims(manifest.inputs):
-                    # Run once more with other free sizes: output dimensions that follow them are free too.
-                    other = trial_run(package, zeros_for(manifest, free=3), meta, packed.deferred)
-                    schema = free_where_different(schema, output_schema(other, is_batched(manifest.inputs)))
-                manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
-                write_manifest(package, manifest)
-            if request.to == "onnx" or request.source_dir is not None:
-                for weights in packed.deferred:  # both read the weights themselves
-                    weights.write()
-            if request.to == "onnx":
-                project, manifest, packed = _convert_to_onnx(Path(tmp), package, manifest, example)
-            metadata = ProjectMetadata(
-                summary=request.summary or f"{names.distribution}: a {manifest.format} model packaged by nnwheel",
-                requirements=(*packed.requirements, *requires),
-                model_card=model_card,
-                license=license,
-                author=request.author,
-            )
-            write_project_files(project, manifest, metadata)
-            if request.source_dir is not None:
-                _copy_project(project, request.source_dir)
-            from .wheel import build_wheel
-
-            streamed = {weights.path: weights.streamed() for weights in packed.deferred if not weights.written}
-            return build_wheel(project, request.out_dir, streamed)
+            # The meta run reads neither the weights nor the manifest: it goes on while the weights are written.
+            meta_outputs = background.submit(meta_run, package, example or example_for(packed.inputs), meta) if meta else None
+            parts = _Parts(Path(tmp), project, package, packed, example, meta, meta_outputs, source_sha256)
+            if packed.deferred and request.to is None and request.source_dir is None:
+                return _build_streamed(request, checkpoint, details, parts)
+            for weights in packed.deferred:  # --to onnx and --source-dir read them
+                weights.write()
+            return build_wheel(_complete(request, checkpoint, details, parts), request.out_dir)
     except OSError as error:
         raise OutputError(
             f"writing the package failed ({error}); check the free space in {tempfile.gettempdir()} "
             f"(or set TMPDIR to a larger disk) and in {request.out_dir}"
         ) from None
+
+
+def _build_streamed(request: WrapRequest, checkpoint: Checkpoint, details: _Details, parts: _Parts) -> Path:
+    """The wheel of a model whose large weights go straight into it while the meta run goes on: the manifest,
+    which comes after them in the wheel, is written once the writer has hashed them."""
+    from .wheel import build_wheel
+
+    names = details.names
+    metadata = _project_metadata(request, details, checkpoint.format.value, parts.packed.requirements)
+    write_pyproject(parts.project, names.distribution, details.version, names.import_name, metadata)
+    for placeholder in (parts.project / "README.md", parts.package / MANIFEST_NAME):  # listed before complete()
+        placeholder.touch()
+    streamed = {weights.path: weights.streamed() for weights in parts.packed.deferred}
+
+    def complete(hashes: dict[Path, str]) -> None:
+        for weights in parts.packed.deferred:
+            weights.sha256 = hashes[weights.path]
+        _complete(request, checkpoint, details, parts)
+
+    return build_wheel(parts.project, request.out_dir, streamed, complete)
+
+
+def _complete(request: WrapRequest, checkpoint: Checkpoint, details: _Details, parts: _Parts) -> Path:
+    """Manifest, trial runs and project files; returns the project directory to build."""
+    check_unchanged(checkpoint)
+    packed, package, example = parts.packed, parts.package, parts.example
+    outputs = parts.meta_outputs.result() if parts.meta_outputs else None
+    manifest = Manifest(
+        name=details.names.distribution,
+        import_name=details.names.import_name,
+        version=details.version,
+        format=checkpoint.format.value,
+        runtime=packed.runtime,
+        weights=packed.weight_files(),
+        inputs=packed.inputs,
+        outputs=packed.outputs.specs if packed.outputs else (),
+        output_structure=packed.outputs.structure if packed.outputs else "tensor",
+        source=Source(
+            checkpoint.path.name,
+            parts.source_sha256.result() if parts.source_sha256 else packed.weights[0].sha256,
+            checkpoint.size,
+        ),
+        nnwheel_version=__version__,
+        torch_version=None if packed.runtime == "onnxruntime" else torch_version(),
+        arch=packed.arch,
+    )
+    write_manifest(package, manifest)
+    if packed.runtime == "keras":
+        manifest = replace(manifest, inputs=keras_inputs(package))
+        write_manifest(package, manifest)
+    if outputs is None and packed.run_at_wrap:
+        outputs = real_run(package, example or zeros_for(manifest), packed.deferred)
+    if packed.outputs is None:
+        schema = output_schema(outputs, is_batched(manifest.inputs))
+        if example is None and has_free_inner_dims(manifest.inputs):
+            # Run once more with other free sizes: output dimensions that follow them are free too.
+            other = trial_run(package, zeros_for(manifest, free=3), parts.meta, packed.deferred)
+            schema = free_where_different(schema, output_schema(other, is_batched(manifest.inputs)))
+        manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
+        write_manifest(package, manifest)
+    project = parts.project
+    if request.to == "onnx":
+        project, manifest, packed = _convert_to_onnx(parts.tmp, package, manifest, example)
+    write_project_files(project, manifest, _project_metadata(request, details, manifest.format, packed.requirements))
+    if request.source_dir is not None:
+        _copy_project(project, request.source_dir)
+    return project
+
+
+def _project_metadata(request: WrapRequest, details: _Details, format: str, requirements: tuple[str, ...]) -> ProjectMetadata:
+    return ProjectMetadata(
+        summary=request.summary or f"{details.names.distribution}: a {format} model packaged by nnwheel",
+        requirements=(*requirements, *details.requires),
+        model_card=details.model_card,
+        license=details.license,
+        author=request.author,
+    )
 
 
 def _meta_build(package: Path, packed: Packed, checkpoint: Checkpoint, arch: ArchSpec | None) -> MetaBuild | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -278,25 +279,74 @@ def test_weights_streamed_into_the_wheel_give_the_same_wheel(tmp_path, tagger, m
     assert writes == ([] if class_name == "Tagger" else ["model.safetensors"])
 
 
-def test_a_streamed_file_that_differs_from_its_hash_leaves_no_wheel(tmp_path):
-    from nnwheel.errors import BuildError
-    from nnwheel.weights import StreamedFile
-    from nnwheel.wheel import build_wheel
-
-    project = tmp_path / "project"
+def _tiny_project(root: Path) -> Path:
+    project = root / "project"
     (project / "pkg").mkdir(parents=True)
     (project / "pkg" / "__init__.py").write_text("")
     (project / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
-        '[project]\nname = "pkg"\nversion = "1.0"\n'
+        '[project]\nname = "pkg"\nversion = "1.0"\nreadme = "README.md"\n'
     )
-    placeholder = project / "pkg" / "weights.bin"
-    placeholder.write_bytes(bytes(8))
-    changed = StreamedFile(hashlib.sha256(bytes(8)).hexdigest(), lambda: [memoryview(b"12345678")])
-    with pytest.raises(BuildError, match="changed while it was being wrapped"):
-        build_wheel(project, tmp_path / "dist", {placeholder: changed})
-    assert list((tmp_path / "dist").iterdir()) == []
+    return project
 
+
+def test_complete_gets_the_streamed_hashes_and_writes_what_follows(tmp_path):
+    """build_wheel's `complete` runs once the streamed file is in the wheel; the files after it and README.md
+    (METADATA) are read after it: the wheel is the one built from the finished project."""
+    from nnwheel.weights import StreamedFile
+    from nnwheel.wheel import build_wheel
+
+    weights, manifest = b"12345678" * 1000, '{"sha256": "%s"}' % hashlib.sha256(b"12345678" * 1000).hexdigest()
+    finished = _tiny_project(tmp_path / "finished")
+    (finished / "pkg" / "model.bin").write_bytes(weights)
+    (finished / "pkg" / "nnwheel.json").write_text(manifest)
+    (finished / "README.md").write_text("# the card\n")
+    expected = build_wheel(finished, tmp_path / "expected")
+
+    streamed_project = _tiny_project(tmp_path / "streamed")
+    placeholder = streamed_project / "pkg" / "model.bin"
+    with placeholder.open("wb") as file:
+        file.truncate(len(weights))
+    (streamed_project / "pkg" / "nnwheel.json").touch()
+    (streamed_project / "README.md").touch()
+    calls = []
+
+    def complete(hashes):
+        calls.append(hashes)
+        (streamed_project / "pkg" / "nnwheel.json").write_text('{"sha256": "%s"}' % hashes[placeholder])
+        (streamed_project / "README.md").write_text("# the card\n")
+
+    streamed = build_wheel(streamed_project, tmp_path / "dist", {placeholder: StreamedFile(lambda: [memoryview(weights)])}, complete)
+    assert calls == [{placeholder: hashlib.sha256(weights).hexdigest()}]
+    assert streamed.read_bytes() == expected.read_bytes()
+
+
+def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, tagger, monkeypatch):
+    from nnwheel import trial
+    from nnwheel import wrap as wrap_module
+    from nnwheel.arch import parse_arch
+    from nnwheel.errors import CheckpointError
+    from nnwheel.schema import specs_from_shapes
+
+    arch_file, model = tagger
+    checkpoint = tmp_path / "model.pth"
+    torch.save(model.state_dict(), checkpoint)
+    original_meta_run = wrap_module.meta_run
+
+    def meta_run_while_the_checkpoint_is_saved_again(*args):
+        torch.save(model.state_dict(), checkpoint)
+        os.utime(checkpoint, ns=(0, 0))  # a new mtime even on file systems with coarse timestamps
+        return original_meta_run(*args)
+
+    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(wrap_module, "meta_run", meta_run_while_the_checkpoint_is_saved_again)
+    request = wrap_module.WrapRequest(
+        checkpoint, "changing", out_dir=tmp_path / "dist", arch=parse_arch(f"{arch_file}:Tagger", None, []),
+        input_specs=tuple(specs_from_shapes([(-1, 7), (-1, 1)], ["int64", "float32"])),
+    )
+    with pytest.raises(CheckpointError, match="changed while it was being wrapped"):
+        wrap_module.wrap(request)
+    assert list((tmp_path / "dist").iterdir()) == []
 
 def test_link_weights_falls_back_to_a_copy_across_file_systems(tmp_path, monkeypatch):
     from nnwheel.weights import link_weights
