@@ -1,7 +1,5 @@
 """`python -m nnwheel`: the same as the nnwheel command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from . import __version__
@@ -32,6 +34,18 @@ def _error_line(error: BaseException) -> str:
     use_color = sys.stderr.isatty() and "NO_COLOR" not in os.environ
     prefix = "\033[31merror:\033[0m" if use_color else "error:"
     return f"{prefix} {error}"
+
+
+def run() -> NoReturn:
+    """The console script: main(), then an exit that skips the interpreter's final garbage collections.
+
+    A wrap leaves torch and torch._dynamo behind, about a million objects: collecting them at exit took
+    0.5-0.8 s, a sixth of wrapping 1 GiB, to free memory the ending process gives back anyway. gc.freeze()
+    keeps them out of those collections; atexit handlers and reference-counted cleanup still run.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
