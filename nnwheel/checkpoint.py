@@ -26,7 +26,9 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
 
 # Words in the weights-only unpickler's messages when it refuses a global or a call; its other messages
 # ("Unsupported operand", "String is too long", ...) mean the bytes are not a valid pickle.
-UNSAFE_PICKLE_WORDS = ("GLOBAL", "allowlist", "add_safe_globals", "reduce for unrecognized", "must be imported", "Module")
+UNSAFE_PICKLE_WORDS = (
+    "GLOBAL", "allowlist", "add_safe_globals", "reduce for unrecognized", "must be imported", "Module"
+)
 # Keys under which training scripts commonly nest the model's state_dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 # Prefixes wrappers add to every key: DataParallel/DDP ("module.") and torch.compile ("_orig_mod.").

@@ -5,25 +5,31 @@ The code that runs here is the code users install, so a wheel that would not run
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
+import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .arch import ArchSpec, build_on_meta, import_class
 from .errors import CheckpointError, SchemaError
 from .manifest import Manifest
-from .schema import TensorSpec, example_for, numpy_example_for
+from .schema import OutputSchema, TensorSpec, example_for, free_where_different, numpy_example_for, output_schema
 
 if TYPE_CHECKING:
     from .weights import DeferredWeights
 
-# Weights above this size get the meta-device run first (see trial_run).
+# Weights above this size get the meta-device run first (see MetaRun).
 META_RUN_ABOVE_BYTES = 256 << 20
+# Where the meta run goes into a forked child (see MetaRun): fork() is unsafe on macOS and missing on Windows.
+FORK_META_RUN = sys.platform == "linux"
 
 
 @contextmanager
@@ -57,17 +63,6 @@ class MetaBuild:
 
     arch: ArchSpec | None = None
     torchscript: Path | None = None
-
-
-def trial_run(package: Path, example: list, meta: MetaBuild | None, deferred: Sequence[DeferredWeights] = ()) -> Any:
-    """Predict once with the rendered package: the output schema, and proof it runs.
-
-    Large models run on the meta device first (`meta`): shapes and dtypes without reading a single weight,
-    where the real run would page in all of them. The real run decides whenever the meta run cannot (a
-    forward pass that needs real values) and reports the errors.
-    """
-    outputs = meta_run(package, example, meta) if meta is not None else None
-    return outputs if outputs is not None else real_run(package, example, deferred)
 
 
 def real_run(package: Path, example: list, deferred: Sequence[DeferredWeights] = ()) -> Any:
@@ -106,6 +101,96 @@ def meta_run(package: Path, example: list, meta: MetaBuild) -> Any | None:
             return model.eval()(*(tensor.to("meta") for tensor in example))
     except Exception:  # whatever a model raises on meta tensors, the real run gives the answer
         return None
+
+
+def meta_schema(package: Path, examples: Sequence[list], meta: MetaBuild, batched: bool) -> OutputSchema | None:
+    """The output schema from meta-device runs on each example (free sizes differing between them), or None
+    where the model cannot run there.
+
+    Large models run on the meta device first: shapes and dtypes without reading a single weight, where the
+    real run would page in all of them. The real run decides whenever the meta run cannot (a forward pass
+    that needs real values) and reports the errors.
+    """
+    schemas = []
+    for example in examples:
+        outputs = meta_run(package, example, meta)
+        if outputs is None:
+            return None
+        try:
+            schemas.append(output_schema(outputs, batched))
+        except SchemaError:  # the real run reports it
+            return None
+    return functools.reduce(free_where_different, schemas)
+
+
+class MetaRun:
+    """meta_schema() in a forked child process, on Linux; elsewhere in this process, when it is asked for.
+
+    The meta run's cost is torch._dynamo, which torch's Python meta kernels import on their first call:
+    about a second and a quarter, and half a second more of teardown at exit. The child pays it on the
+    second core while this process writes the weights into the wheel, without taking its GIL, and sends
+    back the schema. Forked as torch's DataLoader forks its workers: the child runs on one thread, as
+    OpenMP's pool does not survive a fork, and leaves by os._exit, never running the parent's cleanup.
+    """
+
+    def __init__(self, package: Path, examples: Sequence[list], meta: MetaBuild, batched: bool) -> None:
+        self._arguments = (package, examples, meta, batched)
+        self._child: tuple[int, int] | None = None  # its pid and our end of its pipe
+        if FORK_META_RUN:
+            self._child = self._fork()
+
+    def _fork(self) -> tuple[int, int]:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            self._answer_and_exit(write_end)
+        os.close(write_end)
+        return pid, read_end
+
+    def _answer_and_exit(self, pipe: int) -> NoReturn:
+        status = 1
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            schema = meta_schema(*self._arguments)
+            answer = None
+            if schema is not None:
+                answer = {"structure": schema.structure, "specs": [spec.to_json() for spec in schema.specs]}
+            with os.fdopen(pipe, "w", encoding="utf-8") as out:
+                json.dump(answer, out)
+            status = 0
+        finally:
+            os._exit(status)
+
+    @functools.cached_property
+    def schema(self) -> OutputSchema | None:
+        if self._child is None:
+            return meta_schema(*self._arguments)
+        pid, pipe = self._child
+        self._child = None
+        with os.fdopen(pipe, "r", encoding="utf-8") as answer:
+            text = answer.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not text:  # the child died (a crash in the model's code): the real run decides
+            return None
+        data = json.loads(text)
+        if data is None:
+            return None
+        return OutputSchema(data["structure"], tuple(TensorSpec.from_json(spec) for spec in data["specs"]))
+
+    def __enter__(self) -> MetaRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """End a child whose answer nobody waited for (the wrap failed meanwhile)."""
+        if self._child is not None:
+            pid, pipe = self._child
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(pipe)
+            self._child = None
 
 
 def keras_inputs(package: Path) -> tuple[TensorSpec, ...]:

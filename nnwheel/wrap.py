@@ -6,6 +6,7 @@ finished wheel (and, with --source-dir, the project), so a failure leaves nothin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from .schema import (
     load_example,
     output_schema,
 )
-from .trial import MetaBuild, imported, is_large, keras_inputs, meta_run, real_run, trial_run, zeros_for
+from .trial import MetaBuild, MetaRun, imported, is_large, keras_inputs, real_run, zeros_for
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,7 @@ class _Parts:
     package: Path
     packed: Packed
     example: list | None
-    meta: MetaBuild | None
-    meta_outputs: Future[Any] | None  # the meta-device run's outputs; None inside where it cannot answer
+    meta_run: MetaRun | None  # under way while the package is completed and the weights are written
     source_sha256: Future[str] | None  # a converted checkpoint's; other formats' is their weights file's
 
 
@@ -97,7 +97,11 @@ def wrap(request: WrapRequest) -> Path:
     from .wheel import build_wheel
 
     try:
-        with tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp, ThreadPoolExecutor(max_workers=2) as background:
+        with (
+            tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp,
+            ThreadPoolExecutor(max_workers=1) as background,
+            contextlib.ExitStack() as children,
+        ):
             # A state_dict is converted: its source is hashed on the second core meanwhile.
             source_sha256 = background.submit(sha256_of, checkpoint.path, progress=False) if checkpoint.needs_arch else None
             project = Path(tmp) / "project"
@@ -108,8 +112,8 @@ def wrap(request: WrapRequest) -> Path:
             write_package_code(package, runtime=packed.runtime)
             meta = _meta_build(package, packed, checkpoint, request.arch)
             # The meta run reads neither the weights nor the manifest: it goes on while the weights are written.
-            meta_outputs = background.submit(meta_run, package, example or example_for(packed.inputs), meta) if meta else None
-            parts = _Parts(Path(tmp), project, package, packed, example, meta, meta_outputs, source_sha256)
+            meta_run = children.enter_context(_start_meta_run(package, packed.inputs, example, meta)) if meta else None
+            parts = _Parts(Path(tmp), project, package, packed, example, meta_run, source_sha256)
             if packed.deferred and request.to is None and request.source_dir is None:
                 return _build_streamed(request, checkpoint, details, parts)
             for weights in packed.deferred:  # --to onnx and --source-dir read them
@@ -146,7 +150,6 @@ def _complete(request: WrapRequest, checkpoint: Checkpoint, details: _Details, p
     """Manifest, trial runs and project files; returns the project directory to build."""
     check_unchanged(checkpoint)
     packed, package, example = parts.packed, parts.package, parts.example
-    outputs = parts.meta_outputs.result() if parts.meta_outputs else None
     manifest = Manifest(
         name=details.names.distribution,
         import_name=details.names.import_name,
@@ -170,14 +173,17 @@ def _complete(request: WrapRequest, checkpoint: Checkpoint, details: _Details, p
     if packed.runtime == "keras":
         manifest = replace(manifest, inputs=keras_inputs(package))
         write_manifest(package, manifest)
-    if outputs is None and packed.run_at_wrap:
+    schema = parts.meta_run.schema if parts.meta_run else None
+    if schema is None and packed.run_at_wrap:
         outputs = real_run(package, example or zeros_for(manifest), packed.deferred)
+        if packed.outputs is None:
+            schema = output_schema(outputs, is_batched(manifest.inputs))
+            if example is None and has_free_inner_dims(manifest.inputs):
+                # Run once more with other free sizes: output dimensions that follow them are free too.
+                other = real_run(package, zeros_for(manifest, free=3), packed.deferred)
+                schema = free_where_different(schema, output_schema(other, is_batched(manifest.inputs)))
     if packed.outputs is None:
-        schema = output_schema(outputs, is_batched(manifest.inputs))
-        if example is None and has_free_inner_dims(manifest.inputs):
-            # Run once more with other free sizes: output dimensions that follow them are free too.
-            other = trial_run(package, zeros_for(manifest, free=3), parts.meta, packed.deferred)
-            schema = free_where_different(schema, output_schema(other, is_batched(manifest.inputs)))
+        assert schema is not None, "a model whose outputs the file does not tell always runs at wrap time"
         manifest = replace(manifest, outputs=schema.specs, output_structure=schema.structure)
         write_manifest(package, manifest)
     project = parts.project
@@ -199,8 +205,15 @@ def _project_metadata(request: WrapRequest, details: _Details, format: str, requ
     )
 
 
+def _start_meta_run(package: Path, inputs: Sequence[TensorSpec], example: list | None, meta: MetaBuild) -> MetaRun:
+    examples = [example or example_for(inputs)]
+    if example is None and has_free_inner_dims(inputs):
+        examples.append(example_for(inputs, free=3))  # output dimensions that follow free sizes are free too
+    return MetaRun(package, examples, meta, is_batched(inputs))
+
+
 def _meta_build(package: Path, packed: Packed, checkpoint: Checkpoint, arch: ArchSpec | None) -> MetaBuild | None:
-    """How a large PyTorch model is built for its meta-device trial run; None for the others (see trial_run)."""
+    """How a large PyTorch model is built for its meta-device trial run; None for the others (see meta_schema)."""
     size = sum(weights.size for weights in packed.weights) + sum(weights.layout.size for weights in packed.deferred)
     if packed.runtime != "torch" or not is_large(size):
         return None

@@ -63,6 +63,41 @@ ARCH = textwrap.dedent('''\
             y = self.linear(x)
             positive = bool(y.sum() > 0)  # a Python decision on a value, which meta tensors do not have
             return {"y": y, "positive": torch.full(x.shape[:1], positive, dtype=torch.int64)}
+
+
+    class Smoother(nn.Module):
+        """Sequences of any length in, the same length out: an output size that follows a free input size."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 8, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+
+    class Exits(nn.Module):
+        """A forward pass that ends the process, as a crash in native code would."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            import os
+
+            os._exit(3)
+
+
+    class Sleeps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            import time
+
+            time.sleep(600)
     ''')
 INPUTS = ("--input-shape", "-1,7", "--input-dtype", "int64", "--input-shape", "-1,1", "--input-dtype", "float32")
 
@@ -204,31 +239,74 @@ def test_copy_weights_hashes_what_it_wrote(tmp_path):
     assert digest == hashlib.sha256(source.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
-def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, kind):
-    """Small models take the real run at wrap time; large ones the meta run, which must give the same schema."""
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript", "free length"])
+def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatch, kind):
+    """Small models take the real run at wrap time; large ones the meta run, in a forked child or (where
+    fork is not used) in this process, which must give the same schema."""
+    from nnwheel import trial
     from nnwheel.arch import parse_arch
     from nnwheel.manifest import Manifest
-    from nnwheel.schema import example_for
-    from nnwheel.trial import META_RUN_ABOVE_BYTES, MetaBuild, meta_run
+    from nnwheel.schema import example_for, is_batched
 
     arch_file, model = tagger
     if kind == "state_dict":
         torch.save(model.state_dict(), tmp_path / "tagger.pth")
         arch_option = f"{arch_file}:Tagger"
         project, written = wrap(tmp_path, tmp_path / "tagger.pth", "--arch", arch_option, *INPUTS)
-        meta = MetaBuild(arch=parse_arch(arch_option, None, []))
+        meta = trial.MetaBuild(arch=parse_arch(arch_option, None, []))
+    elif kind == "free length":
+        torch.save(load_module(arch_file).Smoother().state_dict(), tmp_path / "smoother.pth")
+        arch_option = f"{arch_file}:Smoother"
+        project, written = wrap(tmp_path, tmp_path / "smoother.pth", "--arch", arch_option, "--input-shape", "-1,4,-1")
+        assert written["outputs"][0]["shape"] == [-1, 8, -1]
+        meta = trial.MetaBuild(arch=parse_arch(arch_option, None, []))
     else:  # the tagger's LSTM has no meta kernel in TorchScript (its wraps take the real run): a simpler net
         net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU()).eval()
         torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
         project, written = wrap(tmp_path, tmp_path / "net.pt", "--input-shape", "-1,4")
-        meta = MetaBuild(torchscript=project / "fast_path" / written["weights"][0]["path"])
+        meta = trial.MetaBuild(torchscript=project / "fast_path" / written["weights"][0]["path"])
     manifest = Manifest.from_json(json.dumps(written))
-    assert sum(w.size for w in manifest.weights) < META_RUN_ABOVE_BYTES, "the wheel's schema came from the real run"
-    meta_outputs = meta_run(project / "fast_path", example_for(manifest.inputs), meta)
-    assert meta_outputs is not None, "the meta run could not answer for this model"
-    schema = output_schema(meta_outputs, batched=True)
-    assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])
+    assert sum(w.size for w in manifest.weights) < trial.META_RUN_ABOVE_BYTES, "the wheel's schema came from the real run"
+    examples = [example_for(manifest.inputs), example_for(manifest.inputs, free=3)]
+    for forked in (True, False):
+        monkeypatch.setattr(trial, "FORK_META_RUN", forked)
+        with trial.MetaRun(project / "fast_path", examples, meta, is_batched(manifest.inputs)) as run:
+            schema = run.schema
+        assert schema is not None, "the meta run could not answer for this model"
+        assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])
+
+
+@pytest.mark.parametrize("class_name", ["Picky", "Exits"])
+def test_a_meta_run_that_cannot_answer_or_dies_leaves_the_answer_to_the_real_run(tmp_path, tagger, class_name):
+    """None from the child, whether the model cannot run on the meta device or its process dies."""
+    from nnwheel import trial
+    from nnwheel.arch import copy_sources, parse_arch
+    from nnwheel.schema import example_for, specs_from_shapes
+
+    arch_file, _ = tagger
+    spec = parse_arch(f"{arch_file}:{class_name}", None, [])
+    copy_sources(spec, tmp_path / "package" / "_arch")
+    examples = [example_for(specs_from_shapes([(-1, 4)], ["float32"]))]
+    if class_name == "Exits" and not trial.FORK_META_RUN:
+        pytest.skip("without fork the meta run is in this process, which Exits would end")
+    with trial.MetaRun(tmp_path / "package", examples, trial.MetaBuild(arch=spec), batched=True) as run:
+        assert run.schema is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the meta run is forked on Linux only")
+def test_a_meta_run_nobody_waits_for_is_ended_with_the_wrap(tmp_path, tagger):
+    from nnwheel import trial
+    from nnwheel.arch import copy_sources, parse_arch
+    from nnwheel.schema import example_for, specs_from_shapes
+
+    arch_file, _ = tagger
+    spec = parse_arch(f"{arch_file}:Sleeps", None, [])
+    copy_sources(spec, tmp_path / "package" / "_arch")
+    examples = [example_for(specs_from_shapes([(-1, 4)], ["float32"]))]
+    with trial.MetaRun(tmp_path / "package", examples, trial.MetaBuild(arch=spec), batched=True) as run:
+        pid = run._child[0]
+    with pytest.raises(ChildProcessError):  # killed and reaped: no zombie left
+        os.waitpid(pid, os.WNOHANG)
 
 
 def test_tied_group_saved_under_its_alias_only(tmp_path, tagger):
@@ -331,7 +409,7 @@ def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, t
     arch_file, model = tagger
     checkpoint = tmp_path / "model.pth"
     torch.save(model.state_dict(), checkpoint)
-    original_meta_run = wrap_module.meta_run
+    original_meta_run = wrap_module._start_meta_run
 
     def meta_run_while_the_checkpoint_is_saved_again(*args):
         torch.save(model.state_dict(), checkpoint)
@@ -339,7 +417,7 @@ def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, t
         return original_meta_run(*args)
 
     monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
-    monkeypatch.setattr(wrap_module, "meta_run", meta_run_while_the_checkpoint_is_saved_again)
+    monkeypatch.setattr(wrap_module, "_start_meta_run", meta_run_while_the_checkpoint_is_saved_again)
     request = wrap_module.WrapRequest(
         checkpoint, "changing", out_dir=tmp_path / "dist", arch=parse_arch(f"{arch_file}:Tagger", None, []),
         input_specs=tuple(specs_from_shapes([(-1, 7), (-1, 1)], ["int64", "float32"])),
