@@ -69,7 +69,7 @@ class _Details:
 
 @dataclass(frozen=True)
 class _Parts:
-    """What wrap has made before the manifest: the package's files, and the work still running on a second thread."""
+    """What wrap has made before the manifest: the package's files, and the work still going on beside it."""
 
     tmp: Path
     project: Path
@@ -103,7 +103,9 @@ def wrap(request: WrapRequest) -> Path:
             contextlib.ExitStack() as children,
         ):
             # A state_dict is converted: its source is hashed on the second core meanwhile.
-            source_sha256 = background.submit(sha256_of, checkpoint.path, progress=False) if checkpoint.needs_arch else None
+            source_sha256 = None
+            if checkpoint.needs_arch:
+                source_sha256 = background.submit(sha256_of, checkpoint.path, progress=False)
             project = Path(tmp) / "project"
             package = project / names.import_name
             package.mkdir(parents=True)
@@ -195,7 +197,9 @@ def _complete(request: WrapRequest, checkpoint: Checkpoint, details: _Details, p
     return project
 
 
-def _project_metadata(request: WrapRequest, details: _Details, format: str, requirements: tuple[str, ...]) -> ProjectMetadata:
+def _project_metadata(
+    request: WrapRequest, details: _Details, format: str, requirements: tuple[str, ...]
+) -> ProjectMetadata:
     return ProjectMetadata(
         summary=request.summary or f"{details.names.distribution}: a {format} model packaged by nnwheel",
         requirements=(*requirements, *details.requires),
