@@ -58,6 +58,12 @@ def _spec(value: Any, path: Path) -> TensorSpec:
     dtype = _ONNX_DTYPE_NAMES.get(onnx_name, onnx_name)
     if dtype not in DTYPES:
         raise SchemaError(f"{value.name!r} of {path.name} has element type {onnx_name}, which nnwheel does not support")
+    if dtype == "bfloat16":
+        raise SchemaError(
+            f"{value.name!r} of {path.name} is bfloat16: onnxruntime's Python API takes and returns numpy arrays, "
+            "and numpy has no bfloat16. Give the graph float32 or float16 inputs and outputs (cast inside it), "
+            "or keep the model in PyTorch (without --to onnx)"
+        )
     # A named (symbolic) or unknown dimension takes any size.
     shape = tuple(dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim)
     return TensorSpec(value.name, dtype, shape)

@@ -25,6 +25,12 @@ def check_inputs(specs: Sequence[TensorSpec]) -> list[np.ndarray]:
     """Random inputs of the declared shapes, free dimensions as 2 (1 would let the exporter fix them)."""
     import numpy as np
 
+    for spec in specs:
+        if spec.dtype == "bfloat16":
+            raise ConversionError(
+                f"input {spec.name!r} is bfloat16: onnxruntime's Python API takes numpy arrays, and numpy has no "
+                "bfloat16. Wrap without --to onnx to keep the torch runtime, or take float32 and cast inside the model"
+            )
     generator = np.random.default_rng(0)
     arrays = []
     for spec in specs:

@@ -185,3 +185,35 @@ def test_to_onnx_needs_a_pytorch_source(digits_onnx: Path, tmp_path: Path) -> No
     result = nnwheel_without_torch("wrap", digits_onnx, "--to", "onnx", "--name", "x", "--out", tmp_path)
     assert result.returncode == 2
     assert "(onnx format); drop --to" in result.stderr
+
+
+def test_bfloat16_inputs_are_refused_at_wrap_time(tmp_path: Path) -> None:
+    """numpy has no bfloat16, so the generated package could never feed the graph: wrap says so."""
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    save(helper.make_model(graph), tmp_path / "bf16.onnx")
+    result = nnwheel_without_torch("wrap", tmp_path / "bf16.onnx", "--name", "bf16", "--out", tmp_path / "dist")
+    assert result.returncode == 1
+    assert "'x' of bf16.onnx is bfloat16" in result.stderr and "float32 or float16" in result.stderr
+    assert list((tmp_path / "dist").iterdir()) == []
+
+
+def test_to_onnx_refuses_bfloat16_inputs(tmp_path: Path) -> None:
+    (tmp_path / "half.py").write_text(
+        "import torch\n\n\nclass Half(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.linear = torch.nn.Linear(4, 4)\n\n    def forward(self, x):\n        return self.linear(x.float())\n"
+    )
+    torch.save({f"linear.{k}": v for k, v in torch.nn.Linear(4, 4).state_dict().items()}, tmp_path / "half.pth")
+    result = nnwheel(
+        "wrap", tmp_path / "half.pth", "--arch", f"{tmp_path / 'half.py'}:Half", "--input-shape", "-1,4",
+        "--input-dtype", "bfloat16", "--to", "onnx", "--name", "half", "--out", tmp_path / "dist", check=False,
+    )
+    assert result.returncode == 1
+    assert "input 'input' is bfloat16" in result.stderr and "without --to onnx" in result.stderr
+    assert list((tmp_path / "dist").iterdir()) == []
