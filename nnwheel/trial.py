@@ -13,7 +13,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -172,10 +172,12 @@ class MetaRun:
         self._child = None
         with os.fdopen(pipe, "r", encoding="utf-8") as answer:
             text = answer.read()
-        _, status = os.waitpid(pid, 0)
-        if status != 0 or not text:  # the child died (a crash in the model's code): the real run decides
+        if _reap(pid) != 0:  # the child died (a crash in the model's code): the real run decides
             return None
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:  # cut short, by a death the status did not show (see _reap)
+            return None
         if data is None:
             return None
         return OutputSchema(data["structure"], tuple(TensorSpec.from_json(spec) for spec in data["specs"]))
@@ -187,10 +189,20 @@ class MetaRun:
         """End a child whose answer nobody waited for (the wrap failed meanwhile)."""
         if self._child is not None:
             pid, pipe = self._child
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _reap(pid)
             os.close(pipe)
             self._child = None
+
+
+def _reap(pid: int) -> int:
+    """Wait for a child and return its wait status; 0 where the system reaped it already (ignoring SIGCHLD
+    is inherited from whoever started this process), and then only the child's answer tells."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return 0
 
 
 def keras_inputs(package: Path) -> tuple[TensorSpec, ...]:

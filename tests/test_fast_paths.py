@@ -442,3 +442,25 @@ def test_link_weights_falls_back_to_a_copy_across_file_systems(tmp_path, monkeyp
     assert link_weights(source, tmp_path / "copied.bin") == expected
     assert (tmp_path / "copied.bin").read_bytes() == source.read_bytes()
     assert not (tmp_path / "copied.bin").samefile(source)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the meta run is forked on Linux only")
+def test_the_meta_run_answers_where_sigchld_is_ignored(tmp_path, tagger):
+    """A process started with SIGCHLD ignored has its children reaped by the system: no status to wait for."""
+    import signal
+
+    from nnwheel import trial
+    from nnwheel.arch import copy_sources, parse_arch
+    from nnwheel.schema import example_for, specs_from_shapes
+
+    arch_file, _ = tagger
+    spec = parse_arch(f"{arch_file}:Smoother", None, [])
+    copy_sources(spec, tmp_path / "package" / "_arch")
+    examples = [example_for(specs_from_shapes([(-1, 4, -1)], ["float32"]))]
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with trial.MetaRun(tmp_path / "package", examples, trial.MetaBuild(arch=spec), batched=True) as run:
+            schema = run.schema
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert schema is not None and [s.shape for s in schema.specs] == [(-1, 8, 2)]
