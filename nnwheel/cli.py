@@ -9,8 +9,8 @@ import re
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import NnwheelError
