@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 # Hashes often run on a second thread while the first runs Python (import torch): each chunk costs it a wait
 # for the GIL (up to the 5 ms switch interval), so it reads few, large chunks into one buffer.
 HASH_CHUNK_BYTES = 16 << 20
-TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # torch.save's non-zip format: pickled magic number
+# torch.save's non-zip (legacy) format starts with its magic number, pickled.
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
 
 # Words in the weights-only unpickler's messages when it refuses a global or a call; its other messages

@@ -34,6 +34,7 @@ from .schema import (
     output_schema,
 )
 from .trial import MetaBuild, MetaRun, imported, is_large, keras_inputs, real_run, zeros_for
+from .wheel import build_wheel
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,6 @@ def wrap(request: WrapRequest) -> Path:
     _check_conversion(checkpoint, request.to)
     if request.source_dir is not None and request.source_dir.exists() and any(request.source_dir.iterdir()):
         raise OutputError(f"--source-dir {request.source_dir} is not empty; give a new or empty directory")
-    from .wheel import build_wheel
-
     try:
         with (
             tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp,
@@ -131,8 +130,6 @@ def wrap(request: WrapRequest) -> Path:
 def _build_streamed(request: WrapRequest, checkpoint: Checkpoint, details: _Details, parts: _Parts) -> Path:
     """The wheel of a model whose large weights go straight into it while the meta run goes on: the manifest,
     which comes after them in the wheel, is written once the writer has hashed them."""
-    from .wheel import build_wheel
-
     names = details.names
     metadata = _project_metadata(request, details, checkpoint.format.value, parts.packed.requirements)
     write_pyproject(parts.project, names.distribution, details.version, names.import_name, metadata)
