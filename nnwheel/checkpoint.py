@@ -10,13 +10,16 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import CheckpointError, UsageError, first_line
 from .progress import Progress
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 # Hashes often run on a second thread while the first runs Python (import torch): each chunk costs it a wait
 # for the GIL (up to the 5 ms switch interval), so it reads few, large chunks into one buffer.
@@ -195,7 +198,7 @@ def load_state_dict(
     else:
         loaded = _load_pickle(checkpoint.path)
     state_dict = _find_state_dict(loaded, checkpoint.path, key)
-    return _strip_prefix(state_dict, strip_prefix)
+    return without_prefix(state_dict, strip_prefix)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -269,11 +272,13 @@ def _is_tensor_dict(value: Any) -> bool:
     )
 
 
-def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
+def without_prefix(state_dict: Mapping[str, T], prefix: str | None) -> dict[str, T]:
+    """The state_dict with the prefix taken off every key; without one, a wrapper's (WRAPPER_PREFIXES) that
+    every key has."""
     if prefix is None:
         prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), "")
     if not prefix:
-        return state_dict
+        return dict(state_dict)
     if not all(k.startswith(prefix) for k in state_dict):
         raise UsageError(f"--strip-prefix {prefix!r}: not every key starts with it (e.g. {next(iter(state_dict))!r})")
     return {k[len(prefix) :]: v for k, v in state_dict.items()}

@@ -6,20 +6,29 @@ programs (torch.export, TorchScript), ONNX and Keras files go in as they are (ha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arch import build_on_meta, check_local_imports, copy_sources, import_class, third_party_requirements
+from .arch import (
+    ArchSpec,
+    build_on_meta,
+    check_local_imports,
+    copy_sources,
+    import_class,
+    third_party_requirements,
+)
 from .checkpoint import Checkpoint, Format, load_state_dict
 from .errors import MissingDependencyError, SchemaError, UsageError
 from .exportfile import read_export_interface
 from .manifest import Arch, WeightsFile
 from .schema import OutputSchema, TensorSpec, dtype_name, specs_from_example
 from .trial import is_large
-from .weights import DeferredWeights, SafetensorsLayout, fit_to_model, link_weights
+from .weights import DeferredWeights, SafetensorsLayout, TableLayout, fit_to_model, link_weights
 
 if TYPE_CHECKING:
+    from .tensor_table import StoredTensor
     from .wrap import WrapRequest
 
 
@@ -91,15 +100,9 @@ def _pack_state_dict(
 ) -> Packed:
     # Reading first: a pickle that is not a plain state_dict is refused before anything else is said.
     state_dict = load_state_dict(checkpoint, key=request.state_dict_key, strip_prefix=request.strip_prefix)
-    if request.arch is None:
-        raise UsageError(
-            f"{checkpoint.path} holds only weights ({checkpoint.format.value}); say which class they belong to "
-            "with --arch FILE.py:CLASS (and --arch-kwargs JSON if its constructor needs arguments)"
-        )
+    spec = _arch_for(checkpoint, request)
     inputs = _declared_inputs(request, example, checkpoint)
-    spec = request.arch
-    check_local_imports(spec)
-    copy_sources(spec, package / "_arch")
+    _add_arch_sources(spec, package)
     model_class = import_class(package / "_arch", spec)
     model = build_on_meta(model_class, spec)
     fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model_class(**spec.kwargs))
@@ -109,12 +112,49 @@ def _pack_state_dict(
         deferred, weights = (DeferredWeights.reserve(layout, path),), ()
     else:
         deferred, weights = (), (WeightsFile(path.name, layout.write(path), layout.size),)
+    return _state_dict_packed(spec, inputs, weights, deferred, fitted.tied, fitted.non_persistent_buffers)
+
+
+def pack_table(
+    checkpoint: Checkpoint, request: WrapRequest, package: Path, table: Mapping[str, StoredTensor]
+) -> Packed:
+    """_pack_state_dict without torch, for a checkpoint read as a tensor table (see tensor_table), its prefix
+    stripped: the weights are deferred, and whether they fit the --arch class is for trial.check_fit to say."""
+    spec = _arch_for(checkpoint, request)
+    inputs = _declared_inputs(request, None, checkpoint)
+    _add_arch_sources(spec, package)
+    deferred = DeferredWeights.reserve(TableLayout(table, checkpoint.path), package / "model.safetensors")
+    return _state_dict_packed(spec, inputs, (), (deferred,), tied={}, non_persistent_buffers=())
+
+
+def _arch_for(checkpoint: Checkpoint, request: WrapRequest) -> ArchSpec:
+    if request.arch is None:
+        raise UsageError(
+            f"{checkpoint.path} holds only weights ({checkpoint.format.value}); say which class they belong to "
+            "with --arch FILE.py:CLASS (and --arch-kwargs JSON if its constructor needs arguments)"
+        )
+    return request.arch
+
+
+def _add_arch_sources(spec: ArchSpec, package: Path) -> None:
+    check_local_imports(spec)
+    copy_sources(spec, package / "_arch")
+
+
+def _state_dict_packed(
+    spec: ArchSpec,
+    inputs: tuple[TensorSpec, ...],
+    weights: tuple[WeightsFile, ...],
+    deferred: tuple[DeferredWeights, ...],
+    tied: dict[str, str],
+    non_persistent_buffers: tuple[str, ...],
+) -> Packed:
     arch = Arch(
         module=spec.module,
         class_name=spec.class_name,
         kwargs=spec.kwargs,
-        tied=fitted.tied,
-        non_persistent_buffers=fitted.non_persistent_buffers,
+        tied=tied,
+        non_persistent_buffers=non_persistent_buffers,
     )
     return Packed(
         weights=weights,

@@ -12,22 +12,36 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .arch import ArchSpec, build_on_meta, import_class
-from .errors import CheckpointError, SchemaError
+from .errors import ArchitectureError, CheckpointError, NnwheelError, SchemaError, UsageError
 from .manifest import Manifest
-from .schema import OutputSchema, TensorSpec, example_for, free_where_different, numpy_example_for, output_schema
+from .schema import (
+    OutputSchema,
+    TensorSpec,
+    example_for,
+    free_where_different,
+    has_free_inner_dims,
+    is_batched,
+    numpy_example_for,
+    output_schema,
+)
 
 if TYPE_CHECKING:
+    import torch
+
+    from .tensor_table import StoredTensor
     from .weights import DeferredWeights
 
 # Weights above this size get the meta-device run first (see MetaRun).
 META_RUN_ABOVE_BYTES = 256 << 20
+# What check_fit can raise, by name, as the child process reports it.
+_ERRORS = {error.__name__: error for error in (ArchitectureError, CheckpointError, SchemaError, UsageError)}
 # Where the meta run goes into a forked child (see MetaRun): fork() is unsafe on macOS and missing on Windows.
 FORK_META_RUN = sys.platform == "linux"
 
@@ -59,10 +73,41 @@ def is_large(weights_bytes: int) -> bool:
 
 @dataclass(frozen=True)
 class MetaBuild:
-    """What a meta-device run builds the model from: its class (a state_dict's --arch) or its TorchScript file."""
+    """What a meta-device run builds the model from: its class (a state_dict's --arch) or its TorchScript file.
+
+    With a tensor table, the run first checks that the table's tensors fit the class (see check_fit).
+    """
 
     arch: ArchSpec | None = None
     torchscript: Path | None = None
+    table: Mapping[str, StoredTensor] | None = None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A tensor table that fits its model as it is: its tensors are what the safetensors file holds."""
+
+    tied: dict[str, str]  # alias -> the name its tensor is stored under
+
+
+def check_fit(package: Path, arch: ArchSpec, table: Mapping[str, StoredTensor]) -> Fit | None:
+    """The checks wrap makes of a state_dict read by torch (fit_to_model), made on meta tensors of the table's
+    dtypes and shapes: the same errors, raised. None where the file to write is not the table's tensors as
+    they are: a tied group stored under fewer names, or non-persistent buffers added (their values come from
+    building the model on the CPU, which the path through torch does)."""
+    import torch
+
+    from .weights import fit_to_model
+
+    model = build_on_meta(import_class(package / "_arch", arch), arch)
+    state_dict = {
+        name: torch.empty(tensor.shape, dtype=getattr(torch, tensor.dtype), device="meta")
+        for name, tensor in table.items()
+    }
+    fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model)
+    if fitted.non_persistent_buffers or set(fitted.tensors) != set(table):
+        return None
+    return Fit(fitted.tied)
 
 
 def real_run(package: Path, example: list, deferred: Sequence[DeferredWeights] = ()) -> Any:
@@ -84,7 +129,13 @@ def real_run(package: Path, example: list, deferred: Sequence[DeferredWeights] =
 
 
 def meta_run(package: Path, example: list, meta: MetaBuild) -> Any | None:
-    """The outputs of a forward pass on the meta device, or None where the model cannot run there.
+    """The outputs of a forward pass without the weights, or None where the model cannot run so.
+
+    An --arch class is built on the meta device, then given uninitialised CPU memory for its tensors (see
+    _uninitialised) and run on the CPU: no weight is read, and pages never written take no memory. On the
+    meta device itself, torch's Python meta kernels would first import torch._dynamo (1.2 s, more than the
+    model's own run at this size). A TorchScript file, whose tensors cannot be swapped so, runs on the meta
+    device.
 
     Reads nothing of the package but its _arch sources, so it can run before the manifest is written.
     """
@@ -92,49 +143,97 @@ def meta_run(package: Path, example: list, meta: MetaBuild) -> Any | None:
 
     try:
         if meta.arch is not None:
-            model = build_on_meta(import_class(package / "_arch", meta.arch), meta.arch)
+            model = _uninitialised(build_on_meta(import_class(package / "_arch", meta.arch), meta.arch))
+            device = "cpu"
         elif meta.torchscript is not None:
             model = torch.jit.load(meta.torchscript, map_location="meta")
+            device = "meta"
         else:
             return None
         with torch.inference_mode():
-            return model.eval()(*(tensor.to("meta") for tensor in example))
-    except Exception:  # whatever a model raises on meta tensors, the real run gives the answer
+            return model.eval()(*(tensor.to(device) for tensor in example))
+    except Exception:  # whatever a model raises without its weights, the real run gives the answer
         return None
 
 
-def meta_schema(package: Path, examples: Sequence[list], meta: MetaBuild, batched: bool) -> OutputSchema | None:
-    """The output schema from meta-device runs on each example (free sizes differing between them), or None
-    where the model cannot run there.
+def _uninitialised(model: torch.nn.Module) -> torch.nn.Module:
+    """The meta-built model with uninitialised CPU tensors in place of its meta ones, and zeroed buffers, so
+    that indices kept in them stay in range. Not Module.to_empty: its empty_like of meta tensors imports
+    sympy (0.35 s)."""
+    import torch
+
+    state = {name: torch.empty(tensor.shape, dtype=tensor.dtype) for name, tensor in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):  # non-persistent ones are still on meta
+            if buffer.is_meta:
+                module.register_buffer(name, torch.empty(buffer.shape, dtype=buffer.dtype), persistent=False)
+    for buffer in model.buffers():
+        buffer.zero_()
+    return model
+
+
+def meta_schema(
+    package: Path, inputs: Sequence[TensorSpec], meta: MetaBuild, example: list | None = None
+) -> OutputSchema | None:
+    """The output schema from meta-device runs on the example, or zeros of the inputs' shapes (twice, with other
+    free sizes, where inner dimensions are free: outputs that follow them are free too), or None where the
+    model cannot run there.
 
     Large models run on the meta device first: shapes and dtypes without reading a single weight, where the
     real run would page in all of them. The real run decides whenever the meta run cannot (a forward pass
     that needs real values) and reports the errors.
     """
+    examples = [example or example_for(inputs)]
+    if example is None and has_free_inner_dims(inputs):
+        examples.append(example_for(inputs, free=3))
     schemas = []
-    for example in examples:
-        outputs = meta_run(package, example, meta)
+    for each in examples:
+        outputs = meta_run(package, each, meta)
         if outputs is None:
             return None
         try:
-            schemas.append(output_schema(outputs, batched))
+            schemas.append(output_schema(outputs, is_batched(inputs)))
         except SchemaError:  # the real run reports it
             return None
     return functools.reduce(free_where_different, schemas)
 
 
+def _meta_answer(package: Path, inputs: Sequence[TensorSpec], meta: MetaBuild, example: list | None) -> dict:
+    """check_fit's answer (where there is a table) and meta_schema's, as JSON, errors included."""
+    answer: dict[str, Any] = {"fit": None, "schema": None}
+    if meta.table is not None:
+        assert meta.arch is not None, "a tensor table is fitted to an --arch class"
+        try:
+            fit = check_fit(package, meta.arch, meta.table)
+        except NnwheelError as error:
+            answer["fit"] = {"error": [type(error).__name__, str(error)]}
+            return answer
+        if fit is None:
+            return answer
+        answer["fit"] = {"tied": fit.tied}
+    schema = meta_schema(package, inputs, meta, example)
+    if schema is not None:
+        answer["schema"] = {"structure": schema.structure, "specs": [spec.to_json() for spec in schema.specs]}
+    return answer
+
+
 class MetaRun:
-    """meta_schema() in a forked child process, on Linux; elsewhere in this process, when it is asked for.
+    """check_fit() and meta_schema() in a forked child process, on Linux; elsewhere in this process, when
+    they are asked for.
 
     The meta run's cost is torch._dynamo, which torch's Python meta kernels import on their first call:
-    about a second and a quarter, and half a second more of teardown at exit. The child pays it on the
-    second core while this process writes the weights into the wheel, without taking its GIL, and sends
-    back the schema. Forked as torch's DataLoader forks its workers: the child runs on one thread, as
-    OpenMP's pool does not survive a fork, and leaves by os._exit, never running the parent's cleanup.
+    about a second and a quarter, and half a second more of teardown at exit; and, where this process has
+    not imported torch (a tensor table's wrap), torch itself. The child pays for them on the second core
+    while this process writes the weights into the wheel, without taking its GIL, and sends back its
+    answers. Forked as torch's DataLoader forks its workers: the child runs on one thread, as OpenMP's pool
+    does not survive a fork, and leaves by os._exit, never running the parent's cleanup.
     """
 
-    def __init__(self, package: Path, examples: Sequence[list], meta: MetaBuild, batched: bool) -> None:
-        self._arguments = (package, examples, meta, batched)
+    def __init__(
+        self, package: Path, inputs: Sequence[TensorSpec], meta: MetaBuild, example: list | None = None
+    ) -> None:
+        self._arguments = (package, inputs, meta, example)
         self._child: tuple[int, int] | None = None  # its pid and our end of its pipe
         if FORK_META_RUN:
             self._child = self._fork()
@@ -154,33 +253,45 @@ class MetaRun:
             import torch
 
             torch.set_num_threads(1)
-            schema = meta_schema(*self._arguments)
-            answer = None
-            if schema is not None:
-                answer = {"structure": schema.structure, "specs": [spec.to_json() for spec in schema.specs]}
+            answer = _meta_answer(*self._arguments)
             with os.fdopen(pipe, "w", encoding="utf-8") as out:
                 json.dump(answer, out)
             status = 0
         finally:
             os._exit(status)
 
-    @functools.cached_property
+    @property
     def schema(self) -> OutputSchema | None:
+        data = self._answer["schema"] if self._answer else None
+        if data is None:
+            return None
+        return OutputSchema(data["structure"], tuple(TensorSpec.from_json(spec) for spec in data["specs"]))
+
+    def fit(self) -> Fit | None:
+        """check_fit's answer for the table: raises its error; None where it could not tell (see check_fit)."""
+        data = self._answer["fit"] if self._answer else None
+        if data is None:
+            return None
+        if "error" in data:
+            kind, message = data["error"]
+            raise _ERRORS.get(kind, ArchitectureError)(message)
+        return Fit(data["tied"])
+
+    @functools.cached_property
+    def _answer(self) -> dict | None:
+        """None where the child died (a crash in the model's code): the paths through torch decide."""
         if self._child is None:
-            return meta_schema(*self._arguments)
+            return _meta_answer(*self._arguments)
         pid, pipe = self._child
         self._child = None
         with os.fdopen(pipe, "r", encoding="utf-8") as answer:
             text = answer.read()
-        if _reap(pid) != 0:  # the child died (a crash in the model's code): the real run decides
+        if _reap(pid) != 0:
             return None
         try:
-            data = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError:  # cut short, by a death the status did not show (see _reap)
             return None
-        if data is None:
-            return None
-        return OutputSchema(data["structure"], tuple(TensorSpec.from_json(spec) for spec in data["specs"]))
 
     def __enter__(self) -> MetaRun:
         return self

@@ -28,6 +28,8 @@ from .progress import Progress
 if TYPE_CHECKING:
     import torch
 
+    from .tensor_table import StoredTensor
+
 # Large enough that per-call costs vanish next to hashing and copying, small enough to stay out of the footprint.
 _CHUNK_BYTES = 1 << 20
 
@@ -124,19 +126,11 @@ class SafetensorsLayout:
     def __init__(self, tensors: Mapping[str, torch.Tensor], source: Path | None = None) -> None:
         self._ordered = sorted(tensors.items())
         self._source = source
-        layout, offset = {}, 0
-        for name, tensor in self._ordered:
-            size = tensor.numel() * tensor.element_size()
-            layout[name] = {
-                "dtype": _SAFETENSORS_DTYPES[_dtype_name(tensor)],
-                "shape": list(tensor.shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        header = json.dumps(layout, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
-        self._head = struct.pack("<Q", len(header)) + header
-        self.size = len(self._head) + offset
+        self._head = _safetensors_head(
+            (name, _dtype_name(tensor), tuple(tensor.shape), tensor.numel() * tensor.element_size())
+            for name, tensor in self._ordered
+        )
+        self.size = len(self._head) + sum(tensor.numel() * tensor.element_size() for _, tensor in self._ordered)
 
     def chunks(self, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[memoryview]:
         """The file's bytes in order; a chunk stays valid until the one after the next is taken."""
@@ -157,6 +151,38 @@ class SafetensorsLayout:
     def write(self, path: Path) -> str:
         """Write the file and return its sha256."""
         return _write_hashed(self.chunks(), path, f"writing {path.name}", self.size)
+
+
+class TableLayout:
+    """A SafetensorsLayout of tensors copied from where a tensor table says they lie in `source`: laid out
+    and written without torch (see tensor_table)."""
+
+    def __init__(self, table: Mapping[str, StoredTensor], source: Path) -> None:
+        self._stored = sorted(table.items())
+        self._source = source
+        self._head = _safetensors_head((name, t.dtype, t.shape, t.size) for name, t in self._stored)
+        self.size = len(self._head) + sum(t.size for _, t in self._stored)
+
+    def chunks(self, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[memoryview]:
+        yield memoryview(self._head)
+        with _ChunkReader(self._source, chunk_bytes) as reader:
+            for _, tensor in self._stored:
+                yield from reader.chunks(tensor.offset, tensor.size)
+
+    def write(self, path: Path) -> str:
+        """Write the file and return its sha256."""
+        return _write_hashed(self.chunks(), path, f"writing {path.name}", self.size)
+
+
+def _safetensors_head(tensors: Iterable[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """The length and JSON header of a safetensors file of (name, dtype, shape, bytes), in that order."""
+    layout, offset = {}, 0
+    for name, dtype, shape, size in tensors:
+        layout[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(layout, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(header)) + header
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, source: Path | None = None) -> str:
@@ -182,12 +208,12 @@ class DeferredWeights:
     """
 
     path: Path
-    layout: SafetensorsLayout
+    layout: SafetensorsLayout | TableLayout
     sha256: str | None = None  # known once the bytes are written, into the package or into the wheel
     written: bool = False  # into the package
 
     @classmethod
-    def reserve(cls, layout: SafetensorsLayout, path: Path) -> DeferredWeights:
+    def reserve(cls, layout: SafetensorsLayout | TableLayout, path: Path) -> DeferredWeights:
         with path.open("wb") as placeholder:
             placeholder.truncate(layout.size)
         return cls(path, layout)

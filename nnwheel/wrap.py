@@ -18,22 +18,22 @@ from typing import Any
 
 from . import __version__
 from .arch import ArchSpec
-from .checkpoint import Checkpoint, Format, check_unchanged, read_checkpoint, sha256_of
+from .checkpoint import Checkpoint, Format, check_unchanged, read_checkpoint, sha256_of, without_prefix
 from .errors import ConversionError, OutputError, UsageError
 from .manifest import MANIFEST_NAME, Manifest, Source
 from .names import PackageName, parse_package_name, parse_version
-from .pack import Packed, pack, pack_onnx, torch_version
+from .pack import Packed, pack, pack_onnx, pack_table, torch_version
 from .render import ProjectMetadata, write_manifest, write_package_code, write_project_files, write_pyproject
 from .schema import (
     TensorSpec,
-    example_for,
     free_where_different,
     has_free_inner_dims,
     is_batched,
     load_example,
     output_schema,
 )
-from .trial import MetaBuild, MetaRun, imported, is_large, keras_inputs, real_run, zeros_for
+from .tensor_table import StoredTensor, read_tensor_table
+from .trial import FORK_META_RUN, MetaBuild, MetaRun, imported, is_large, keras_inputs, real_run, zeros_for
 from .wheel import build_wheel
 
 
@@ -79,6 +79,7 @@ class _Parts:
     example: list | None
     meta_run: MetaRun | None  # under way while the package is completed and the weights are written
     source_sha256: Future[str] | None  # a converted checkpoint's; other formats' is their weights file's
+    from_table: bool = False  # packed from a tensor table: the meta run checks that the weights fit
 
 
 def wrap(request: WrapRequest) -> Path:
@@ -95,6 +96,7 @@ def wrap(request: WrapRequest) -> Path:
     _check_conversion(checkpoint, request.to)
     if request.source_dir is not None and request.source_dir.exists() and any(request.source_dir.iterdir()):
         raise OutputError(f"--source-dir {request.source_dir} is not empty; give a new or empty directory")
+    table = _tensor_table(checkpoint, request)
     try:
         with (
             tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp,
@@ -105,15 +107,16 @@ def wrap(request: WrapRequest) -> Path:
             source_sha256 = None
             if checkpoint.needs_arch:
                 source_sha256 = background.submit(sha256_of, checkpoint.path, progress=False)
-            project = Path(tmp) / "project"
-            package = project / names.import_name
-            package.mkdir(parents=True)
+            if table is not None:
+                with contextlib.suppress(_NotAsItIs):  # then on through torch, as any other state_dict
+                    return _wrap_table(request, checkpoint, details, table, Path(tmp), source_sha256, children)
+            project, package = _new_project(Path(tmp) / "project", names)
             example = load_example(request.example) if request.example else None
             packed = pack(checkpoint, request, package, example)
             write_package_code(package, runtime=packed.runtime)
             meta = _meta_build(package, packed, checkpoint, request.arch)
             # The meta run reads neither the weights nor the manifest: it goes on while the weights are written.
-            meta_run = children.enter_context(_start_meta_run(package, packed.inputs, example, meta)) if meta else None
+            meta_run = children.enter_context(MetaRun(package, packed.inputs, meta, example)) if meta else None
             parts = _Parts(Path(tmp), project, package, packed, example, meta_run, source_sha256)
             if packed.deferred and request.to is None and request.source_dir is None:
                 return _build_streamed(request, checkpoint, details, parts)
@@ -125,6 +128,57 @@ def wrap(request: WrapRequest) -> Path:
             f"writing the package failed ({error}); check the free space in {tempfile.gettempdir()} "
             f"(or set TMPDIR to a larger disk) and in {request.out_dir}"
         ) from None
+
+
+def _tensor_table(checkpoint: Checkpoint, request: WrapRequest) -> dict[str, StoredTensor] | None:
+    """A large state_dict's tensor table, where wrap can write its weights before torch is even imported; None
+    for the others, and where an option needs torch.load's reading of the file or the weights in the package."""
+    plain_request = request.arch is not None and request.state_dict_key is None and request.example is None
+    if not (checkpoint.needs_arch and plain_request and request.to is None and request.source_dir is None):
+        return None
+    if not FORK_META_RUN:  # the fit is checked in this process then, with torch imported anyway
+        return None
+    table = read_tensor_table(checkpoint)
+    return table if table is not None and is_large(sum(t.size for t in table.values())) else None
+
+
+class _NotAsItIs(Exception):
+    """The table's tensors are not what the package's safetensors file holds (see trial.check_fit)."""
+
+
+def _wrap_table(
+    request: WrapRequest,
+    checkpoint: Checkpoint,
+    details: _Details,
+    table: dict[str, StoredTensor],
+    tmp: Path,
+    source_sha256: Future[str] | None,
+    children: contextlib.ExitStack,
+) -> Path:
+    """The wheel of a large state_dict read as a tensor table: its weights go into the wheel while a child
+    process imports torch, checks them against the --arch class and runs the model on the meta device."""
+    table = without_prefix(table, request.strip_prefix)
+    project, package = _new_project(tmp / "from-table", details.names)
+    packed = pack_table(checkpoint, request, package, table)
+    write_package_code(package, runtime=packed.runtime)
+    meta_run = children.enter_context(MetaRun(package, packed.inputs, MetaBuild(arch=request.arch, table=table)))
+    parts = _Parts(tmp, project, package, packed, None, meta_run, source_sha256, from_table=True)
+    return _build_streamed(request, checkpoint, details, parts)
+
+
+def _with_fit(parts: _Parts) -> _Parts:
+    """A tensor table's parts once the child has found that its tensors fit the model (it raises what does not)."""
+    assert parts.meta_run is not None and parts.packed.arch is not None
+    fit = parts.meta_run.fit()
+    if fit is None:
+        raise _NotAsItIs
+    return replace(parts, packed=replace(parts.packed, arch=replace(parts.packed.arch, tied=fit.tied)))
+
+
+def _new_project(project: Path, names: PackageName) -> tuple[Path, Path]:
+    package = project / names.import_name
+    package.mkdir(parents=True)
+    return project, package
 
 
 def _build_streamed(request: WrapRequest, checkpoint: Checkpoint, details: _Details, parts: _Parts) -> Path:
@@ -140,7 +194,7 @@ def _build_streamed(request: WrapRequest, checkpoint: Checkpoint, details: _Deta
     def complete(hashes: dict[Path, str]) -> None:
         for weights in parts.packed.deferred:
             weights.sha256 = hashes[weights.path]
-        _complete(request, checkpoint, details, parts)
+        _complete(request, checkpoint, details, _with_fit(parts) if parts.from_table else parts)
 
     return build_wheel(parts.project, request.out_dir, streamed, complete)
 
@@ -204,13 +258,6 @@ def _project_metadata(
         license=details.license,
         author=request.author,
     )
-
-
-def _start_meta_run(package: Path, inputs: Sequence[TensorSpec], example: list | None, meta: MetaBuild) -> MetaRun:
-    examples = [example or example_for(inputs)]
-    if example is None and has_free_inner_dims(inputs):
-        examples.append(example_for(inputs, free=3))  # output dimensions that follow free sizes are free too
-    return MetaRun(package, examples, meta, is_batched(inputs))
 
 
 def _meta_build(package: Path, packed: Packed, checkpoint: Checkpoint, arch: ArchSpec | None) -> MetaBuild | None:

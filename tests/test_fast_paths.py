@@ -3,8 +3,9 @@ BatchNorm statistics, an embedding whose weight is tied to the output layer, an 
 non-persistent buffers, and two inputs of different dtypes.
 
 Fast paths covered: tensors memory-mapped from the checkpoint are copied from the file rather than through
-the mapping; the output schema comes from a forward pass on the meta device; large weights are written
-straight into the wheel; program files are copied and hashed in one pass; predict()'s input checks.
+the mapping; the output schema comes from a forward pass without the weights; large weights are written
+straight into the wheel; a large state_dict is read as a tensor table, without torch, and checked against
+its class in a child process; program files are copied and hashed in one pass; predict()'s input checks.
 """
 
 from __future__ import annotations
@@ -52,17 +53,49 @@ ARCH = textwrap.dedent('''\
             return self.decode(hidden), summary
 
 
-    class Picky(nn.Module):
-        """A forward pass that needs real values: the meta run cannot answer, the real run must."""
+    class Reader(nn.Module):
+        """The Tagger without its tie and its non-persistent buffer: weights a tensor table holds as they are."""
+
+        def __init__(self, vocab=50, dim=16):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, dim)
+            self.lstm = nn.LSTM(dim, dim, batch_first=True)
+            self.norm = nn.BatchNorm1d(dim)
+            self.decode = nn.Linear(dim, vocab)
+            self.register_buffer("shift", torch.linspace(-1, 1, dim))
+
+        def forward(self, tokens, scale):
+            hidden, _ = self.lstm(self.embed(tokens))
+            summary = self.norm(hidden.mean(dim=1)) * scale + self.shift
+            return self.decode(hidden), summary
+
+
+    class Positional(nn.Module):
+        """A non-persistent buffer: its values come from building the model on the CPU."""
 
         def __init__(self):
             super().__init__()
             self.linear = nn.Linear(4, 4)
+            self.register_buffer("offset", torch.arange(4, dtype=torch.float32), persistent=False)
 
         def forward(self, x):
-            y = self.linear(x)
-            positive = bool(y.sum() > 0)  # a Python decision on a value, which meta tensors do not have
-            return {"y": y, "positive": torch.full(x.shape[:1], positive, dtype=torch.int64)}
+            return self.linear(x) + self.offset
+
+
+    class Picky(nn.Module):
+        """A forward pass that needs real values: without its weights (buffers zeroed, on the meta device no
+        values at all) it refuses to run; the real run must answer."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("gain", torch.ones(1))
+
+        def forward(self, x):
+            if bool((self.gain == 0).any()):  # a Python decision on a value
+                raise ValueError("the gain is not set")
+            y = self.linear(x) * self.gain
+            return {"y": y, "positive": torch.full(x.shape[:1], bool(y.sum() > 0), dtype=torch.int64)}
 
 
     class Smoother(nn.Module):
@@ -246,7 +279,6 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatc
     from nnwheel import trial
     from nnwheel.arch import parse_arch
     from nnwheel.manifest import Manifest
-    from nnwheel.schema import example_for, is_batched
 
     arch_file, model = tagger
     if kind == "state_dict":
@@ -267,10 +299,9 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatc
         meta = trial.MetaBuild(torchscript=project / "fast_path" / written["weights"][0]["path"])
     manifest = Manifest.from_json(json.dumps(written))
     assert sum(w.size for w in manifest.weights) < trial.META_RUN_ABOVE_BYTES, "the wheel's schema came from the real run"
-    examples = [example_for(manifest.inputs), example_for(manifest.inputs, free=3)]
     for forked in (True, False):
         monkeypatch.setattr(trial, "FORK_META_RUN", forked)
-        with trial.MetaRun(project / "fast_path", examples, meta, is_batched(manifest.inputs)) as run:
+        with trial.MetaRun(project / "fast_path", manifest.inputs, meta) as run:
             schema = run.schema
         assert schema is not None, "the meta run could not answer for this model"
         assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])
@@ -281,15 +312,15 @@ def test_a_meta_run_that_cannot_answer_or_dies_leaves_the_answer_to_the_real_run
     """None from the child, whether the model cannot run on the meta device or its process dies."""
     from nnwheel import trial
     from nnwheel.arch import copy_sources, parse_arch
-    from nnwheel.schema import example_for, specs_from_shapes
+    from nnwheel.schema import specs_from_shapes
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:{class_name}", None, [])
     copy_sources(spec, tmp_path / "package" / "_arch")
-    examples = [example_for(specs_from_shapes([(-1, 4)], ["float32"]))]
+    inputs = specs_from_shapes([(-1, 4)], ["float32"])
     if class_name == "Exits" and not trial.FORK_META_RUN:
         pytest.skip("without fork the meta run is in this process, which Exits would end")
-    with trial.MetaRun(tmp_path / "package", examples, trial.MetaBuild(arch=spec), batched=True) as run:
+    with trial.MetaRun(tmp_path / "package", inputs, trial.MetaBuild(arch=spec)) as run:
         assert run.schema is None
 
 
@@ -297,13 +328,13 @@ def test_a_meta_run_that_cannot_answer_or_dies_leaves_the_answer_to_the_real_run
 def test_a_meta_run_nobody_waits_for_is_ended_with_the_wrap(tmp_path, tagger):
     from nnwheel import trial
     from nnwheel.arch import copy_sources, parse_arch
-    from nnwheel.schema import example_for, specs_from_shapes
+    from nnwheel.schema import specs_from_shapes
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:Sleeps", None, [])
     copy_sources(spec, tmp_path / "package" / "_arch")
-    examples = [example_for(specs_from_shapes([(-1, 4)], ["float32"]))]
-    with trial.MetaRun(tmp_path / "package", examples, trial.MetaBuild(arch=spec), batched=True) as run:
+    inputs = specs_from_shapes([(-1, 4)], ["float32"])
+    with trial.MetaRun(tmp_path / "package", inputs, trial.MetaBuild(arch=spec)) as run:
         pid = run._child[0]
     with pytest.raises(ChildProcessError):  # killed and reaped: no zombie left
         os.waitpid(pid, os.WNOHANG)
@@ -409,7 +440,7 @@ def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, t
     arch_file, model = tagger
     checkpoint = tmp_path / "model.pth"
     torch.save(model.state_dict(), checkpoint)
-    original_meta_run = wrap_module._start_meta_run
+    original_meta_run = wrap_module.MetaRun
 
     def meta_run_while_the_checkpoint_is_saved_again(*args):
         torch.save(model.state_dict(), checkpoint)
@@ -417,7 +448,7 @@ def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, t
         return original_meta_run(*args)
 
     monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
-    monkeypatch.setattr(wrap_module, "_start_meta_run", meta_run_while_the_checkpoint_is_saved_again)
+    monkeypatch.setattr(wrap_module, "MetaRun", meta_run_while_the_checkpoint_is_saved_again)
     request = wrap_module.WrapRequest(
         checkpoint, "changing", out_dir=tmp_path / "dist", arch=parse_arch(f"{arch_file}:Tagger", None, []),
         input_specs=tuple(specs_from_shapes([(-1, 7), (-1, 1)], ["int64", "float32"])),
@@ -451,16 +482,132 @@ def test_the_meta_run_answers_where_sigchld_is_ignored(tmp_path, tagger):
 
     from nnwheel import trial
     from nnwheel.arch import copy_sources, parse_arch
-    from nnwheel.schema import example_for, specs_from_shapes
+    from nnwheel.schema import specs_from_shapes
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:Smoother", None, [])
     copy_sources(spec, tmp_path / "package" / "_arch")
-    examples = [example_for(specs_from_shapes([(-1, 4, -1)], ["float32"]))]
+    inputs = specs_from_shapes([(-1, 4, -1)], ["float32"])
     previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
-        with trial.MetaRun(tmp_path / "package", examples, trial.MetaBuild(arch=spec), batched=True) as run:
+        with trial.MetaRun(tmp_path / "package", inputs, trial.MetaBuild(arch=spec)) as run:
             schema = run.schema
     finally:
         signal.signal(signal.SIGCHLD, previous)
-    assert schema is not None and [s.shape for s in schema.specs] == [(-1, 8, 2)]
+    assert schema is not None and [s.shape for s in schema.specs] == [(-1, 8, -1)]
+
+
+def wrap_request(checkpoint: Path, arch: str, out_dir: Path, inputs=INPUTS, **options):
+    from nnwheel.arch import parse_arch
+    from nnwheel.schema import parse_shape, specs_from_shapes
+    from nnwheel.wrap import WrapRequest
+
+    shapes, dtypes = [parse_shape(shape) for shape in inputs[1::4]], inputs[3::4]
+    return WrapRequest(
+        checkpoint, "fast-path", out_dir=out_dir, arch=parse_arch(arch, None, []),
+        input_specs=tuple(specs_from_shapes(shapes, dtypes)), **options,
+    )
+
+
+def wheels_both_ways(monkeypatch, request) -> tuple[bytes, bytes, int]:
+    """The wheel wrapped from the checkpoint's tensor table, the one wrapped through torch.load, and how many
+    times the table path got as far as the wheel's end (where the child's check_fit answer decides)."""
+    from nnwheel import trial
+    from nnwheel import wrap as wrap_module
+
+    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)  # these small models take the large models' paths
+    completions = []
+    original_with_fit = wrap_module._with_fit
+    monkeypatch.setattr(wrap_module, "_with_fit", lambda parts: completions.append(1) or original_with_fit(parts))
+    from_table = wrap_module.wrap(replace(request, out_dir=request.out_dir / "table")).read_bytes()
+    monkeypatch.setattr(wrap_module, "read_tensor_table", lambda checkpoint: None)
+    through_torch = wrap_module.wrap(replace(request, out_dir=request.out_dir / "torch")).read_bytes()
+    return from_table, through_torch, len(completions)
+
+
+@pytest.mark.parametrize("saved_as", ["torch.save", "safetensors", "DataParallel prefix"])
+def test_a_tensor_table_gives_the_wheel_torch_load_gives(tmp_path, tagger, monkeypatch, saved_as):
+    """LSTM, BatchNorm statistics, an embedding, int64 and float32 inputs: the same bytes, either way."""
+    arch_file, _ = tagger
+    torch.manual_seed(0)
+    model = load_module(arch_file).Reader()
+    model(torch.randint(0, 50, (8, 7)), torch.rand(8, 1))  # BatchNorm statistics off their defaults
+    checkpoint = tmp_path / ("reader.safetensors" if saved_as == "safetensors" else "reader.pth")
+    if saved_as == "safetensors":
+        save_file(model.state_dict(), checkpoint)
+    else:
+        prefix = "module." if saved_as == "DataParallel prefix" else ""
+        torch.save({prefix + k: v for k, v in model.state_dict().items()}, checkpoint)
+    request = wrap_request(checkpoint, f"{arch_file}:Reader", tmp_path / "dist")
+
+    from_table, through_torch, completions = wheels_both_ways(monkeypatch, request)
+
+    assert completions == 1, "the table path did not reach the wheel's end"
+    assert from_table == through_torch
+
+
+@pytest.mark.parametrize("case", ["tie kept under its alias", "non-persistent buffer"])
+def test_a_table_that_is_not_the_files_tensors_goes_through_torch(tmp_path, tagger, monkeypatch, case):
+    """The child finds that the safetensors file would not hold the table's tensors as they are: wrap
+    starts again through torch.load, and gives its wheel."""
+    arch_file, model = tagger
+    if case == "tie kept under its alias":  # stored under embed.weight, the tied group's first name
+        save_file({k: v.clone() for k, v in model.state_dict().items() if k != "embed.weight"}, tmp_path / "m.safetensors")
+        request = wrap_request(tmp_path / "m.safetensors", f"{arch_file}:Tagger", tmp_path / "dist")
+    else:
+        torch.save(load_module(arch_file).Positional().state_dict(), tmp_path / "m.pth")
+        inputs = ("--input-shape", "-1,4", "--input-dtype", "float32")
+        request = wrap_request(tmp_path / "m.pth", f"{arch_file}:Positional", tmp_path / "dist", inputs)
+
+    from_table, through_torch, completions = wheels_both_ways(monkeypatch, request)
+
+    assert completions == 1
+    assert from_table == through_torch
+    assert sorted(p.name for p in (tmp_path / "dist" / "table").iterdir()) == ["fast_path-0.1.0-py3-none-any.whl"]
+
+
+@pytest.mark.parametrize("misfit", ["missing key", "wrong shape", "bad kwargs"])
+def test_a_table_that_does_not_fit_its_class_gets_torchs_error_and_leaves_no_wheel(tmp_path, tagger, monkeypatch, misfit):
+    from nnwheel import trial
+    from nnwheel import wrap as wrap_module
+    from nnwheel.arch import parse_arch
+    from nnwheel.errors import ArchitectureError
+
+    arch_file, _ = tagger
+    state = load_module(arch_file).Reader().state_dict()
+    if misfit == "missing key":
+        del state["decode.bias"]
+    elif misfit == "wrong shape":
+        state["decode.bias"] = torch.zeros(49)
+    torch.save(state, tmp_path / "reader.pth")
+    request = wrap_request(tmp_path / "reader.pth", f"{arch_file}:Reader", tmp_path / "dist")
+    if misfit == "bad kwargs":
+        request = replace(request, arch=parse_arch(f"{arch_file}:Reader", '{"width": 3}', []))
+    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+
+    messages = []
+    for table in (True, False):
+        if not table:
+            monkeypatch.setattr(wrap_module, "read_tensor_table", lambda checkpoint: None)
+        with pytest.raises(ArchitectureError) as raised:
+            wrap_module.wrap(request)
+        messages.append(str(raised.value))
+        assert list((tmp_path / "dist").iterdir()) == []
+    assert messages[0] == messages[1]
+
+
+def test_a_tables_wrap_never_imports_torch_in_the_wrapping_process(tmp_path, tagger):
+    """torch (1.2-1.7 s) is imported by the child that checks the weights, while this process writes them."""
+    arch_file, _ = tagger
+    torch.save(load_module(arch_file).Reader().state_dict(), tmp_path / "reader.pth")
+    code = textwrap.dedent(f"""\
+        import sys
+        from nnwheel import cli, trial
+        trial.META_RUN_ABOVE_BYTES = 0
+        status = cli.main(["wrap", {str(tmp_path / "reader.pth")!r}, "--name", "reader", "--arch",
+                           {f"{arch_file}:Reader"!r}, *{list(INPUTS)!r}, "--out", {str(tmp_path / "dist")!r}])
+        print(status, "torch" in sys.modules)
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-2:] == ["0", "False"], result.stderr
+    assert (tmp_path / "dist" / "reader-0.1.0-py3-none-any.whl").is_file()
