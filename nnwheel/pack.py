@@ -84,7 +84,7 @@ def pack(checkpoint: Checkpoint, request: WrapRequest, package: Path, example: l
 def _pack_export(source: Path, package: Path, example: list | None, requirements: tuple[str, ...]) -> Packed:
     """The .pt2 as it is; its schema is read from the archive where it tells it exactly (else torch.export.load
     gives the inputs). A large program whose outputs the archive tells is not run at wrap time, as loading it
-    would page in all its weights and import torch (large state_dicts get a meta-device run instead); one
+    would page in all its weights and import torch (large state_dicts get a run without weights instead); one
     given an --example runs on it."""
     weights = _link_weights(source, package / "model.pt2")
     interface = read_export_interface(source)
@@ -108,7 +108,7 @@ def _pack_state_dict(
     fitted = fit_to_model(state_dict, model, build_on_cpu=lambda: model_class(**spec.kwargs))
     path = package / "model.safetensors"
     layout = SafetensorsLayout(fitted.tensors, source=checkpoint.path)
-    if is_large(layout.size):  # the meta-device trial run reads none of them: they can wait for the wheel
+    if is_large(layout.size):  # the run without weights reads none of them: they can wait for the wheel
         deferred, weights = (DeferredWeights.reserve(layout, path),), ()
     else:
         deferred, weights = (), (WeightsFile(path.name, layout.write(path), layout.size),)

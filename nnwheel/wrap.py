@@ -156,7 +156,7 @@ def _wrap_table(
     children: contextlib.ExitStack,
 ) -> Path:
     """The wheel of a large state_dict read as a tensor table: its weights go into the wheel while a child
-    process imports torch, checks them against the --arch class and runs the model on the meta device."""
+    process imports torch, checks them against the --arch class and runs the model without them."""
     table = without_prefix(table, request.strip_prefix)
     project, package = _new_project(tmp / "from-table", details.names)
     packed = pack_table(checkpoint, request, package, table)
@@ -261,7 +261,7 @@ def _project_metadata(
 
 
 def _meta_build(package: Path, packed: Packed, checkpoint: Checkpoint, arch: ArchSpec | None) -> MetaBuild | None:
-    """How a large PyTorch model is built for its meta-device trial run; None for the others (see meta_schema)."""
+    """How a large PyTorch model is built for its run without weights; None for the others (see meta_run)."""
     size = sum(weights.size for weights in packed.weights) + sum(weights.layout.size for weights in packed.deferred)
     if packed.runtime != "torch" or not is_large(size):
         return None
