@@ -34,52 +34,29 @@ ARCH = textwrap.dedent('''\
 
 
     class Tagger(nn.Module):
-        """Token ids (int64) and a per-sample scale (float32) -> (tag logits, sentence vector)."""
+        """Token ids (int64) and a per-sample scale (float32) -> (tag logits, sentence vector). Without the
+        tie and the non-persistent buffer, its weights are what a tensor table reads as they are."""
 
-        def __init__(self, vocab=50, dim=16):
+        def __init__(self, vocab=50, dim=16, tied=True, positions=True):
             super().__init__()
             self.embed = nn.Embedding(vocab, dim)
             self.lstm = nn.LSTM(dim, dim, batch_first=True)
             self.norm = nn.BatchNorm1d(dim)
             self.decode = nn.Linear(dim, vocab)
-            self.decode.weight = self.embed.weight  # tied
+            if tied:
+                self.decode.weight = self.embed.weight
             self.register_buffer("shift", torch.linspace(-1, 1, dim))
-            self.register_buffer("positions", torch.arange(64, dtype=torch.float32) / 64, persistent=False)
+            if positions:
+                self.register_buffer("positions", torch.arange(64, dtype=torch.float32) / 64, persistent=False)
+            else:
+                self.positions = None
 
         def forward(self, tokens, scale):
             hidden, _ = self.lstm(self.embed(tokens))
-            hidden = hidden + self.positions[: tokens.shape[1], None]
+            if self.positions is not None:
+                hidden = hidden + self.positions[: tokens.shape[1], None]
             summary = self.norm(hidden.mean(dim=1)) * scale + self.shift
             return self.decode(hidden), summary
-
-
-    class Reader(nn.Module):
-        """The Tagger without its tie and its non-persistent buffer: weights a tensor table holds as they are."""
-
-        def __init__(self, vocab=50, dim=16):
-            super().__init__()
-            self.embed = nn.Embedding(vocab, dim)
-            self.lstm = nn.LSTM(dim, dim, batch_first=True)
-            self.norm = nn.BatchNorm1d(dim)
-            self.decode = nn.Linear(dim, vocab)
-            self.register_buffer("shift", torch.linspace(-1, 1, dim))
-
-        def forward(self, tokens, scale):
-            hidden, _ = self.lstm(self.embed(tokens))
-            summary = self.norm(hidden.mean(dim=1)) * scale + self.shift
-            return self.decode(hidden), summary
-
-
-    class Positional(nn.Module):
-        """A non-persistent buffer: its values come from building the model on the CPU."""
-
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 4)
-            self.register_buffer("offset", torch.arange(4, dtype=torch.float32), persistent=False)
-
-        def forward(self, x):
-            return self.linear(x) + self.offset
 
 
     class Picky(nn.Module):
@@ -497,14 +474,17 @@ def test_the_meta_run_answers_where_sigchld_is_ignored(tmp_path, tagger):
     assert schema is not None and [s.shape for s in schema.specs] == [(-1, 8, -1)]
 
 
-def wrap_request(checkpoint: Path, arch: str, out_dir: Path, inputs=INPUTS, **options):
+PLAIN = '{"tied": false, "positions": false}'  # a Tagger whose weights a tensor table holds as they are
+
+
+def wrap_request(checkpoint: Path, arch: str, out_dir: Path, inputs=INPUTS, kwargs=None, **options):
     from nnwheel.arch import parse_arch
     from nnwheel.schema import parse_shape, specs_from_shapes
     from nnwheel.wrap import WrapRequest
 
     shapes, dtypes = [parse_shape(shape) for shape in inputs[1::4]], inputs[3::4]
     return WrapRequest(
-        checkpoint, "fast-path", out_dir=out_dir, arch=parse_arch(arch, None, []),
+        checkpoint, "fast-path", out_dir=out_dir, arch=parse_arch(arch, kwargs, []),
         input_specs=tuple(specs_from_shapes(shapes, dtypes)), **options,
     )
 
@@ -530,7 +510,7 @@ def test_a_tensor_table_gives_the_wheel_torch_load_gives(tmp_path, tagger, monke
     """LSTM, BatchNorm statistics, an embedding, int64 and float32 inputs: the same bytes, either way."""
     arch_file, _ = tagger
     torch.manual_seed(0)
-    model = load_module(arch_file).Reader()
+    model = load_module(arch_file).Tagger(tied=False, positions=False)
     model(torch.randint(0, 50, (8, 7)), torch.rand(8, 1))  # BatchNorm statistics off their defaults
     checkpoint = tmp_path / ("reader.safetensors" if saved_as == "safetensors" else "reader.pth")
     if saved_as == "safetensors":
@@ -538,7 +518,7 @@ def test_a_tensor_table_gives_the_wheel_torch_load_gives(tmp_path, tagger, monke
     else:
         prefix = "module." if saved_as == "DataParallel prefix" else ""
         torch.save({prefix + k: v for k, v in model.state_dict().items()}, checkpoint)
-    request = wrap_request(checkpoint, f"{arch_file}:Reader", tmp_path / "dist")
+    request = wrap_request(checkpoint, f"{arch_file}:Tagger", tmp_path / "dist", kwargs=PLAIN)
 
     from_table, through_torch, completions = wheels_both_ways(monkeypatch, request)
 
@@ -555,9 +535,8 @@ def test_a_table_that_is_not_the_files_tensors_goes_through_torch(tmp_path, tagg
         save_file({k: v.clone() for k, v in model.state_dict().items() if k != "embed.weight"}, tmp_path / "m.safetensors")
         request = wrap_request(tmp_path / "m.safetensors", f"{arch_file}:Tagger", tmp_path / "dist")
     else:
-        torch.save(load_module(arch_file).Positional().state_dict(), tmp_path / "m.pth")
-        inputs = ("--input-shape", "-1,4", "--input-dtype", "float32")
-        request = wrap_request(tmp_path / "m.pth", f"{arch_file}:Positional", tmp_path / "dist", inputs)
+        torch.save(load_module(arch_file).Tagger(tied=False).state_dict(), tmp_path / "m.pth")
+        request = wrap_request(tmp_path / "m.pth", f"{arch_file}:Tagger", tmp_path / "dist", kwargs='{"tied": false}')
 
     from_table, through_torch, completions = wheels_both_ways(monkeypatch, request)
 
@@ -574,15 +553,15 @@ def test_a_table_that_does_not_fit_its_class_gets_torchs_error_and_leaves_no_whe
     from nnwheel.errors import ArchitectureError
 
     arch_file, _ = tagger
-    state = load_module(arch_file).Reader().state_dict()
+    state = load_module(arch_file).Tagger(tied=False, positions=False).state_dict()
     if misfit == "missing key":
         del state["decode.bias"]
     elif misfit == "wrong shape":
         state["decode.bias"] = torch.zeros(49)
     torch.save(state, tmp_path / "reader.pth")
-    request = wrap_request(tmp_path / "reader.pth", f"{arch_file}:Reader", tmp_path / "dist")
+    request = wrap_request(tmp_path / "reader.pth", f"{arch_file}:Tagger", tmp_path / "dist", kwargs=PLAIN)
     if misfit == "bad kwargs":
-        request = replace(request, arch=parse_arch(f"{arch_file}:Reader", '{"width": 3}', []))
+        request = replace(request, arch=parse_arch(f"{arch_file}:Tagger", '{"width": 3}', []))
     monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
 
     messages = []
@@ -599,13 +578,14 @@ def test_a_table_that_does_not_fit_its_class_gets_torchs_error_and_leaves_no_whe
 def test_a_tables_wrap_never_imports_torch_in_the_wrapping_process(tmp_path, tagger):
     """torch (1.2-1.7 s) is imported by the child that checks the weights, while this process writes them."""
     arch_file, _ = tagger
-    torch.save(load_module(arch_file).Reader().state_dict(), tmp_path / "reader.pth")
+    torch.save(load_module(arch_file).Tagger(tied=False, positions=False).state_dict(), tmp_path / "reader.pth")
     code = textwrap.dedent(f"""\
         import sys
         from nnwheel import cli, trial
         trial.META_RUN_ABOVE_BYTES = 0
         status = cli.main(["wrap", {str(tmp_path / "reader.pth")!r}, "--name", "reader", "--arch",
-                           {f"{arch_file}:Reader"!r}, *{list(INPUTS)!r}, "--out", {str(tmp_path / "dist")!r}])
+                           {f"{arch_file}:Tagger"!r}, "--arch-kwargs", {PLAIN!r}, *{list(INPUTS)!r},
+                           "--out", {str(tmp_path / "dist")!r}])
         print(status, "torch" in sys.modules)
         """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
