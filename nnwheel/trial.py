@@ -1,6 +1,8 @@
 """Import the rendered package and run it once at wrap time: the output schema, and proof that it runs.
 
-The code that runs here is the code users install, so a wheel that would not run is never written.
+The code that runs here is the code users install, so a wheel that would not run is never written. Large
+models run without their weights instead (meta_run), in a child process (MetaRun), which also checks a
+tensor table's weights against their class (check_fit).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from .tensor_table import StoredTensor
     from .weights import DeferredWeights
 
-# Weights above this size get the meta-device run first (see MetaRun).
+# Weights above this size get the run without weights first (see meta_run, MetaRun).
 META_RUN_ABOVE_BYTES = 256 << 20
 # What check_fit can raise, by name, as the child process reports it.
 _ERRORS = {error.__name__: error for error in (ArchitectureError, CheckpointError, SchemaError, UsageError)}
@@ -66,14 +68,15 @@ def imported(package: Path) -> Iterator[Any]:
 
 
 def is_large(weights_bytes: int) -> bool:
-    """Whether a model gets the meta-device run first: the first meta run imports much of torch._dynamo
-    (about a second), more than the real run of a small model costs."""
+    """Whether a model gets the run without weights first: a small model's real run costs little and proves
+    more, as it runs the package as users will, on the real weights."""
     return weights_bytes > META_RUN_ABOVE_BYTES
 
 
 @dataclass(frozen=True)
 class MetaBuild:
-    """What a meta-device run builds the model from: its class (a state_dict's --arch) or its TorchScript file.
+    """What the run without weights builds the model from: its class (a state_dict's --arch) or its TorchScript
+    file.
 
     With a tensor table, the run first checks that the table's tensors fit the class (see check_fit).
     """
@@ -176,12 +179,12 @@ def _uninitialised(model: torch.nn.Module) -> torch.nn.Module:
 def meta_schema(
     package: Path, inputs: Sequence[TensorSpec], meta: MetaBuild, example: list | None = None
 ) -> OutputSchema | None:
-    """The output schema from meta-device runs on the example, or zeros of the inputs' shapes (twice, with other
-    free sizes, where inner dimensions are free: outputs that follow them are free too), or None where the
-    model cannot run there.
+    """The output schema from runs without the weights (meta_run) on the example, or on zeros of the inputs'
+    shapes (twice, with other free sizes, where inner dimensions are free: outputs that follow them are free
+    too); None where the model cannot run so.
 
-    Large models run on the meta device first: shapes and dtypes without reading a single weight, where the
-    real run would page in all of them. The real run decides whenever the meta run cannot (a forward pass
+    Large models run without their weights first: shapes and dtypes without reading a single weight, where
+    the real run would page in all of them. The real run decides whenever this run cannot (a forward pass
     that needs real values) and reports the errors.
     """
     examples = [example or example_for(inputs)]
@@ -222,11 +225,11 @@ class MetaRun:
     """check_fit() and meta_schema() in a forked child process, on Linux; elsewhere in this process, when
     they are asked for.
 
-    The meta run's cost is torch._dynamo, which torch's Python meta kernels import on their first call:
-    about a second and a quarter, and half a second more of teardown at exit; and, where this process has
-    not imported torch (a tensor table's wrap), torch itself. The child pays for them on the second core
-    while this process writes the weights into the wheel, without taking its GIL, and sends back its
-    answers. Forked as torch's DataLoader forks its workers: the child runs on one thread, as OpenMP's pool
+    The child's cost is importing torch, where this process has not (a tensor table's wrap), and for a
+    TorchScript model torch._dynamo, which torch's Python meta kernels import on their first call: about
+    a second and a quarter, and half a second more of teardown at exit. The child pays for them on the
+    second core while this process writes the weights into the wheel, without taking its GIL, and sends
+    back its answers. Forked as torch's DataLoader forks its workers: the child runs on one thread, as OpenMP's pool
     does not survive a fork, and leaves by os._exit, never running the parent's cleanup.
     """
 
