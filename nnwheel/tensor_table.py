@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .checkpoint import Checkpoint, Format
 
@@ -53,7 +53,7 @@ class StoredTensor:
 
 
 def read_tensor_table(checkpoint: Checkpoint) -> dict[str, StoredTensor] | None:
-    """The file's tensors by name, in the file's order; None where the file is not plain (see above)."""
+    """The file's tensors by name; None where the file is not plain (see above)."""
     try:
         if checkpoint.format is Format.SAFETENSORS:
             return _safetensors_table(checkpoint.path)
@@ -106,7 +106,7 @@ def _torch_zip_table(path: Path) -> dict[str, StoredTensor] | None:
     return None if None in table.values() else table
 
 
-def _locate(archive: zipfile.ZipFile, file: Any, root: str, tensor: _Tensor) -> StoredTensor | None:
+def _locate(archive: zipfile.ZipFile, file: BinaryIO, root: str, tensor: _Tensor) -> StoredTensor | None:
     info = archive.getinfo(f"{root}data/{tensor.storage.key}")
     itemsize = tensor.storage.itemsize
     size = math.prod(tensor.shape) * itemsize
