@@ -131,8 +131,9 @@ def real_run(package: Path, example: list, deferred: Sequence[DeferredWeights] =
             ) from None
 
 
-def meta_run(package: Path, example: list, meta: MetaBuild) -> Any | None:
-    """The outputs of a forward pass without the weights, or None where the model cannot run so.
+def meta_run(package: Path, examples: Sequence[list], meta: MetaBuild) -> list | None:
+    """The outputs of forward passes without the weights, one for each example, of the model built once; None
+    where the model cannot run so.
 
     An --arch class is built on the meta device, then given uninitialised CPU memory for its tensors (see
     _uninitialised) and run on the CPU: no weight is read, and pages never written take no memory. On the
@@ -153,8 +154,9 @@ def meta_run(package: Path, example: list, meta: MetaBuild) -> Any | None:
             device = "meta"
         else:
             return None
+        model.eval()
         with torch.inference_mode():
-            return model.eval()(*(tensor.to(device) for tensor in example))
+            return [model(*(tensor.to(device) for tensor in example)) for example in examples]
     except Exception:  # whatever a model raises without its weights, the real run gives the answer
         return None
 
@@ -190,15 +192,13 @@ def meta_schema(
     examples = [example or example_for(inputs)]
     if example is None and has_free_inner_dims(inputs):
         examples.append(example_for(inputs, free=3))
-    schemas = []
-    for each in examples:
-        outputs = meta_run(package, each, meta)
-        if outputs is None:
-            return None
-        try:
-            schemas.append(output_schema(outputs, is_batched(inputs)))
-        except SchemaError:  # the real run reports it
-            return None
+    outputs = meta_run(package, examples, meta)
+    if outputs is None:
+        return None
+    try:
+        schemas = [output_schema(each, is_batched(inputs)) for each in outputs]
+    except SchemaError:  # the real run reports it
+        return None
     return functools.reduce(free_where_different, schemas)
 
 
