@@ -8,9 +8,9 @@ import json
 import pickle
 import struct
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import CheckpointError, UsageError, first_line
