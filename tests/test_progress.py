@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 
 import pytest
 
@@ -23,8 +24,15 @@ def terminal():
     os.close(master)
 
 
-def read_terminal(master: int) -> str:
-    return os.read(master, 1 << 16).decode()
+def read_terminal(master: int, last: str) -> str:
+    """What the terminal shows up to `last`: the kernel hands written bytes to the master end a piece at
+    a time, so one read may return only the first of them."""
+    shown = ""
+    while not shown.endswith(last):
+        ready, _, _ = select.select([master], [], [], 10)
+        assert ready, f"the terminal showed {shown!r}, then nothing for 10 s"
+        shown += os.read(master, 1 << 16).decode()
+    return shown
 
 
 def test_bar_on_a_terminal(terminal):
@@ -33,7 +41,7 @@ def test_bar_on_a_terminal(terminal):
         progress.advance(GIB // 2)
         progress.advance(GIB // 2)
 
-    shown = read_terminal(master)
+    shown = read_terminal(master, "\n")
     assert shown.startswith("\rwriting mnist_mlp.whl [")
     assert " 50% 537/1074 MB " in shown
     assert "[" + "#" * 30 + "] 100% 1074/1074 MB " in shown
@@ -54,4 +62,4 @@ def test_silent_for_small_work(terminal):
         progress.advance(SHOW_ABOVE_BYTES)
     stream.write("end")
     stream.flush()
-    assert read_terminal(master) == "end"
+    assert read_terminal(master, "end") == "end"
