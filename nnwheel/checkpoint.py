@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import CheckpointError, UsageError, first_line
+from .filemap import mapped_chunks
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Hashes often run on a second thread while the first runs Python (import torch): each chunk costs it a wait
-# for the GIL (up to the 5 ms switch interval), so it reads few, large chunks into one buffer.
-HASH_CHUNK_BYTES = 16 << 20
 # torch.save's non-zip (legacy) format starts with its magic number, pickled.
 TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras 2's legacy model.save("model.h5")
@@ -123,13 +121,11 @@ def sha256_of(path: Path, progress: bool = True) -> str:
     """The file's sha256, with a progress bar on a terminal for large files unless `progress` is False (on a
     second thread, beside the main thread's own bars)."""
     digest = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK_BYTES)
-    view = memoryview(buffer)
     size = path.stat().st_size if progress else 0  # Progress draws nothing for 0 bytes
-    with path.open("rb") as file, Progress(size, f"hashing {path.name}") as bar:
-        while n := file.readinto(buffer):
-            digest.update(view[:n])
-            bar.advance(n)
+    with Progress(size, f"hashing {path.name}") as bar:
+        for chunk in mapped_chunks(path):
+            digest.update(chunk)
+            bar.advance(len(chunk))
     return digest.hexdigest()
 
 

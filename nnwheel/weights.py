@@ -9,7 +9,6 @@ What the generated loader needs to rebuild the model without a second copy of th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import struct
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import sha256_of
 from .errors import ArchitectureError, CheckpointError
+from .filemap import mapped_chunks
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -118,9 +118,9 @@ class SafetensorsLayout:
     """Tensors laid out in the safetensors format: the size up front, the bytes on demand, chunk by chunk.
 
     Tensors memory-mapped from the checkpoint file `source` (torch.load(mmap=True), safetensors' load_file)
-    are read back from that file in chunks instead of through the mapping: the bytes are the same, but the
-    checkpoint's pages then never count in this process's resident memory, which would otherwise grow by the
-    whole checkpoint while it is copied.
+    are read back from that file through short-lived windows of its own (filemap) instead of through torch's
+    mapping: the bytes are the same, but the checkpoint's pages then never all count in this process's
+    resident memory, which would otherwise grow by the whole checkpoint while it is copied.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], source: Path | None = None) -> None:
@@ -133,20 +133,18 @@ class SafetensorsLayout:
         self.size = len(self._head) + sum(tensor.numel() * tensor.element_size() for _, tensor in self._ordered)
 
     def chunks(self, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[memoryview]:
-        """The file's bytes in order; a chunk stays valid until the one after the next is taken."""
+        """The file's bytes in order; a chunk stays valid for as long as something refers to it."""
         import torch
 
         regions = _mapped_regions(self._source) if self._source is not None else []
         yield memoryview(self._head)
-        with contextlib.ExitStack() as stack:
-            reader = stack.enter_context(_ChunkReader(self._source, chunk_bytes)) if regions else None
-            for _, tensor in self._ordered:
-                file_offset = _offset_in(regions, tensor)
-                if reader is not None and file_offset is not None:
-                    yield from reader.chunks(file_offset, tensor.numel() * tensor.element_size())
-                else:
-                    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-                    yield from _slices(memoryview(data), chunk_bytes)
+        for _, tensor in self._ordered:
+            file_offset = _offset_in(regions, tensor)
+            if self._source is not None and file_offset is not None:
+                yield from mapped_chunks(self._source, file_offset, tensor.numel() * tensor.element_size())
+            else:
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                yield from _slices(memoryview(data), chunk_bytes)
 
     def write(self, path: Path) -> str:
         """Write the file and return its sha256."""
@@ -163,11 +161,10 @@ class TableLayout:
         self._head = _safetensors_head((name, t.dtype, t.shape, t.size) for name, t in self._stored)
         self.size = len(self._head) + sum(t.size for _, t in self._stored)
 
-    def chunks(self, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self) -> Iterator[memoryview]:
         yield memoryview(self._head)
-        with _ChunkReader(self._source, chunk_bytes) as reader:
-            for _, tensor in self._stored:
-                yield from reader.chunks(tensor.offset, tensor.size)
+        for _, tensor in self._stored:
+            yield from mapped_chunks(self._source, tensor.offset, tensor.size)
 
     def write(self, path: Path) -> str:
         """Write the file and return its sha256."""
@@ -237,9 +234,7 @@ class DeferredWeights:
 
 def copy_weights(source: Path, destination: Path) -> str:
     """Copy a weights file as it is, in one pass that also hashes it; return its sha256."""
-    size = source.stat().st_size
-    with _ChunkReader(source) as reader:
-        return _write_hashed(reader.chunks(0, size), destination, f"copying {source.name}", size)
+    return _write_hashed(mapped_chunks(source), destination, f"copying {source.name}", source.stat().st_size)
 
 
 def link_weights(source: Path, destination: Path) -> str:
@@ -255,7 +250,7 @@ def link_weights(source: Path, destination: Path) -> str:
 def _write_hashed(chunks: Iterable[memoryview], path: Path, label: str, total: int) -> str:
     """Write chunks to path, each hashed on a second core while it is written; progress on a terminal.
 
-    Hashing runs at most one chunk behind, which the chunk sources' two buffers allow.
+    Hashing runs at most one chunk behind.
     """
     digest = hashlib.sha256()
     pending: Future | None = None
@@ -269,33 +264,6 @@ def _write_hashed(chunks: Iterable[memoryview], path: Path, label: str, total: i
         if pending is not None:
             pending.result()
     return digest.hexdigest()
-
-
-class _ChunkReader:
-    """Reads regions of a file in chunks, into two buffers in turn: the next chunk is read into one while the
-    other may still be in use (being hashed, say)."""
-
-    def __init__(self, path: Path, chunk_bytes: int = _CHUNK_BYTES) -> None:
-        self._file = path.open("rb")
-        self._buffers = (bytearray(chunk_bytes), bytearray(chunk_bytes))
-        self._turn = 0
-
-    def chunks(self, offset: int, size: int) -> Iterator[memoryview]:
-        self._file.seek(offset)
-        while size:
-            self._turn ^= 1
-            buffer = memoryview(self._buffers[self._turn])[: min(size, len(self._buffers[0]))]
-            n = self._file.readinto(buffer)
-            if not n:
-                raise CheckpointError(f"{self._file.name} ended early while copying its tensors; was it changed meanwhile?")
-            yield buffer[:n]
-            size -= n
-
-    def __enter__(self) -> _ChunkReader:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._file.close()
 
 
 def _slices(view: memoryview, chunk_bytes: int) -> Iterator[memoryview]:

@@ -3,20 +3,19 @@
 hatchling decides *what* goes into the wheel: which files, the file name and tag, METADATA, WHEEL,
 entry_points.txt, license files and their order. We call its own builder for all of that, so the
 answer cannot drift from `python -m build --wheel`. This module only changes *how* package files are
-written: each is read once in large chunks, hashed for RECORD while it is copied into the zip, and
+written: each is read once through memory-mapped windows (filemap), hashed for RECORD while it is copied into the zip, and
 weights are stored instead of deflated (see DEFLATED_SUFFIXES). The wheel appears in out_dir only
 once it is complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ from hatchling.builders.utils import (
 from hatchling.builders.wheel import RecordFile, WheelArchive, WheelBuilder
 
 from .errors import BuildError, OutputError
+from .filemap import mapped_chunks
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -42,10 +42,6 @@ if TYPE_CHECKING:
 # Every other file in the package is stored: weights are high-entropy numbers that deflate shrinks by
 # a few percent at ~25x the write time, and that pip would then have to inflate again on install.
 DEFLATED_SUFFIXES = frozenset({".py", ".pyi", ".json", ".txt", ".md", ".typed"})
-
-# Large enough that per-call overhead vanishes next to hashing and copying, small enough to stay
-# out of the process's memory footprint.
-_CHUNK_BYTES = 1 << 20
 
 # hatchling options whose effect only its own build loop reproduces (hooks add files and metadata,
 # the others add files outside the package); we refuse them rather than build a different wheel.
@@ -173,8 +169,6 @@ class StreamingWheelArchive:
         self.time_tuple = WheelArchive.get_reproducible_time_tuple()
         self._zip = zipfile.ZipFile(output, "w", compression=zipfile.ZIP_DEFLATED)
         self._hasher = ThreadPoolExecutor(max_workers=1)
-        self._buffer = bytearray(_CHUNK_BYTES)
-        self._view = memoryview(self._buffer)
 
     def add_file(
         self, included: IncludedFile, progress: Progress, streamed: StreamedFile | None = None
@@ -189,10 +183,8 @@ class StreamingWheelArchive:
         zip_info.compress_type = _compression_for(archive_path)
 
         digest = hashlib.sha256()
-        with contextlib.ExitStack() as stack:
-            entry = stack.enter_context(self._zip.open(zip_info, "w"))
-            chunks = streamed.chunks() if streamed else self._read(stack.enter_context(open(included.path, "rb")))
-            for chunk in chunks:
+        with self._zip.open(zip_info, "w") as entry:
+            for chunk in streamed.chunks() if streamed else mapped_chunks(Path(included.path)):
                 # sha256 on a second core while zipfile computes the CRC and writes the same chunk;
                 # both release the GIL, so the file costs about the slower of the two, not their sum.
                 hashed = self._hasher.submit(digest.update, chunk)
@@ -201,10 +193,6 @@ class StreamingWheelArchive:
                 progress.advance(len(chunk))
         row = (archive_path, f"sha256={format_file_hash(digest.digest())}", str(file_stat.st_size))
         return row, digest.hexdigest()
-
-    def _read(self, source: BinaryIO) -> Iterable[memoryview]:
-        while n := source.readinto(self._buffer):
-            yield self._view[:n]
 
     def write_metadata(self, relative_path: str, contents: str | bytes) -> tuple[str, str, str]:
         """Write one small .dist-info file (hatchling calls this for METADATA, WHEEL, ...)."""

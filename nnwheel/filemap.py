@@ -1,0 +1,44 @@
+"""Read large files through memory maps, a window at a time.
+
+Hashing a checkpoint, or copying its bytes into a wheel, straight from the page cache spares the copy that
+read() makes into a buffer of ours: a quarter of a second of CPU per GiB on our 2-core benchmark machine,
+where wrap keeps both cores busy with two sha256 passes and an import of torch. A window is unmapped once
+nothing refers to it, so no more than a window or two of a file ever counts in a process's resident memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# Large because hashes often run on a second thread while the first runs Python (import torch): each chunk
+# costs that thread a wait for the GIL (up to the 5 ms switch interval). A multiple of ALLOCATIONGRANULARITY.
+WINDOW_BYTES = 16 << 20
+# Maps each window's pages at once instead of taking a page fault every 64 KiB (Linux only).
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def mapped_chunks(path: Path, offset: int = 0, size: int | None = None) -> Iterator[memoryview]:
+    """The bytes of `path` from `offset`, `size` of them (to the end by default), one window per chunk.
+
+    A chunk stays valid for as long as something refers to it. A file shorter than the bytes asked for
+    raises CheckpointError; one cut short while it is mapped would end the process with SIGBUS, as it would
+    under torch.load(mmap=True): wrap refuses a checkpoint that changes while it is wrapped
+    (checkpoint.check_unchanged), but cannot stop another process from truncating it meanwhile.
+    """
+    with path.open("rb") as file:
+        file_size = os.fstat(file.fileno()).st_size
+        end = file_size if size is None else offset + size
+        if end > file_size:
+            raise CheckpointError(f"{path} ended early while it was read; was it changed meanwhile? Wrap it again")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        while start < end:
+            length = min(WINDOW_BYTES, end - start)
+            window = mmap.mmap(file.fileno(), length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
+                               offset=start)
+            yield memoryview(window)[max(offset - start, 0) :]
+            start += length

@@ -1,0 +1,58 @@
+"""mapped_chunks gives exactly the bytes asked for, window by window, and refuses a file that is too short."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+from nnwheel.errors import CheckpointError
+from nnwheel.filemap import WINDOW_BYTES, mapped_chunks
+
+GRAIN = mmap.ALLOCATIONGRANULARITY
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two and a half windows of random bytes: reads cross window boundaries and end inside one."""
+    content = os.urandom(2 * WINDOW_BYTES + WINDOW_BYTES // 2 + 7)
+    path = tmp_path_factory.mktemp("filemap") / "data.bin"
+    path.write_bytes(content)
+    return path, content
+
+
+def test_whole_file_in_windows(data):
+    path, content = data
+    chunks = list(mapped_chunks(path))
+    assert [len(chunk) for chunk in chunks] == [WINDOW_BYTES, WINDOW_BYTES, WINDOW_BYTES // 2 + 7]
+    assert b"".join(chunks) == content  # every chunk still readable after the later ones were taken
+
+
+@pytest.mark.parametrize(
+    ("offset", "size"),
+    [
+        (0, 1),
+        (3, 10),  # inside the first page
+        (GRAIN - 1, 2),  # across a page boundary
+        (WINDOW_BYTES - 5, 10),  # across a window boundary
+        (WINDOW_BYTES + 12345, WINDOW_BYTES + 999),  # from an unaligned offset over a whole window
+        (2 * WINDOW_BYTES + 1, WINDOW_BYTES // 2 + 6),  # to the very end
+        (100, 0),
+    ],
+)
+def test_a_region(data, offset, size):
+    path, content = data
+    assert b"".join(mapped_chunks(path, offset, size)) == content[offset : offset + size]
+
+
+def test_an_empty_file(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert list(mapped_chunks(empty)) == []
+
+
+def test_a_region_past_the_end_is_refused_before_reading(data):
+    path, content = data
+    with pytest.raises(CheckpointError, match="ended early"):
+        next(mapped_chunks(path, len(content) - 10, 11))
