@@ -5,11 +5,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import os
 import pickle
 import struct
-import sys
-import threading
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,57 +117,16 @@ def check_export_archive(path: Path) -> None:
         )
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256, with a progress bar on a terminal for large files."""
+def sha256_of(path: Path, progress: bool = True) -> str:
+    """The file's sha256, with a progress bar on a terminal for large files unless `progress` is False (on a
+    second thread, beside the main thread's own bars)."""
     digest = hashlib.sha256()
-    with Progress(path.stat().st_size, f"hashing {path.name}") as bar:
+    size = path.stat().st_size if progress else 0  # Progress draws nothing for 0 bytes
+    with Progress(size, f"hashing {path.name}") as bar:
         for chunk in mapped_chunks(path):
             digest.update(chunk)
             bar.advance(len(chunk))
     return digest.hexdigest()
-
-
-class BackgroundSha256:
-    """A file's sha256, hashed by a thread of the lowest CPU priority while other work goes on; result()
-    hashes whatever is left at the caller's own priority.
-
-    wrap of a 1 GiB state_dict keeps both cores of a 2-core machine busy, and what ends last is the child
-    process that imports torch to check the model. A hash that gives way to it took wrap from 2.73 s to
-    2.48 s (medians of six runs, taken in turns); finishing it at the caller's priority keeps a machine busy
-    with other work from starving it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._chunks = mapped_chunks(path)
-        self._digest = hashlib.sha256()
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._hash_giving_way, name=f"sha256 of {path.name}", daemon=True)
-        self._thread.start()
-
-    def result(self) -> str:
-        self.stop()
-        if self._error is not None:
-            raise self._error
-        for chunk in self._chunks:  # on from where the thread stopped
-            self._digest.update(chunk)
-        return self._digest.hexdigest()
-
-    def stop(self) -> None:
-        """Let the thread finish its chunk and end."""
-        self._stop.set()
-        self._thread.join()
-
-    def _hash_giving_way(self) -> None:
-        if sys.platform == "linux":  # where each thread has its own nice value
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        try:
-            for chunk in self._chunks:
-                self._digest.update(chunk)
-                if self._stop.is_set():
-                    return
-        except BaseException as error:  # raised to whoever asks for the result
-            self._error = error
 
 
 def detect_format(path: Path) -> Format:

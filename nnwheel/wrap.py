@@ -11,13 +11,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .arch import ArchSpec
-from .checkpoint import BackgroundSha256, Checkpoint, Format, check_unchanged, read_checkpoint, without_prefix
+from .checkpoint import Checkpoint, Format, check_unchanged, read_checkpoint, sha256_of, without_prefix
 from .errors import ConversionError, OutputError, UsageError
 from .manifest import MANIFEST_NAME, Manifest, Source
 from .names import PackageName, parse_package_name, parse_version
@@ -77,7 +78,7 @@ class _Parts:
     packed: Packed
     example: list | None
     meta_run: MetaRun | None  # under way while the package is completed and the weights are written
-    source_sha256: BackgroundSha256 | None  # a converted checkpoint's; other formats' is their weights file's
+    source_sha256: Future[str] | None  # a converted checkpoint's; other formats' is their weights file's
     from_table: bool = False  # packed from a tensor table: the meta run checks that the weights fit
 
 
@@ -99,13 +100,13 @@ def wrap(request: WrapRequest) -> Path:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp,
+            ThreadPoolExecutor(max_workers=1) as background,
             contextlib.ExitStack() as children,
         ):
-            # A state_dict is converted: its source is hashed meanwhile, for the manifest written at the end.
+            # A state_dict is converted: its source is hashed on the second core meanwhile.
             source_sha256 = None
             if checkpoint.needs_arch:
-                source_sha256 = BackgroundSha256(checkpoint.path)
-                children.callback(source_sha256.stop)
+                source_sha256 = background.submit(sha256_of, checkpoint.path, progress=False)
             if table is not None:
                 with contextlib.suppress(_NotAsItIs):  # then on through torch, as any other state_dict
                     return _wrap_table(request, checkpoint, details, table, Path(tmp), source_sha256, children)
@@ -151,7 +152,7 @@ def _wrap_table(
     details: _Details,
     table: dict[str, StoredTensor],
     tmp: Path,
-    source_sha256: BackgroundSha256 | None,
+    source_sha256: Future[str] | None,
     children: contextlib.ExitStack,
 ) -> Path:
     """The wheel of a large state_dict read as a tensor table: its weights go into the wheel while a child

@@ -1,15 +1,12 @@
-"""mapped_chunks gives exactly the bytes asked for, window by window, and refuses a file that is too short;
-the checkpoint hashes read through it are plain sha256s."""
+"""mapped_chunks gives exactly the bytes asked for, window by window, and refuses a file that is too short."""
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 
 import pytest
 
-from nnwheel.checkpoint import BackgroundSha256, sha256_of
 from nnwheel.errors import CheckpointError
 from nnwheel.filemap import WINDOW_BYTES, mapped_chunks
 
@@ -59,27 +56,3 @@ def test_a_region_past_the_end_is_refused_before_reading(data):
     path, content = data
     with pytest.raises(CheckpointError, match="ended early"):
         next(mapped_chunks(path, len(content) - 10, 11))
-
-
-def test_sha256_of(data):
-    path, content = data
-    assert sha256_of(path) == hashlib.sha256(content).hexdigest()
-
-
-def test_background_sha256_left_alone(data):
-    path, content = data
-    assert BackgroundSha256(path).result() == hashlib.sha256(content).hexdigest()
-
-
-def test_background_sha256_stopped_early_is_finished_by_the_caller(data):
-    path, content = data
-    background = BackgroundSha256(path)
-    background.stop()  # at most one window hashed in the background
-    assert background.result() == hashlib.sha256(content).hexdigest()
-    assert background.result() == hashlib.sha256(content).hexdigest()  # asked again, the same
-
-
-def test_background_sha256_error_goes_to_the_caller(tmp_path):
-    background = BackgroundSha256(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError):
-        background.result()
