@@ -1,12 +1,15 @@
-"""mapped_chunks gives exactly the bytes asked for, window by window, and refuses a file that is too short."""
+"""mapped_chunks gives exactly the bytes asked for, window by window, and refuses a file that is too short;
+sha256_of, which reads through it, gives the plain sha256."""
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 
 import pytest
 
+from nnwheel.checkpoint import sha256_of
 from nnwheel.errors import CheckpointError
 from nnwheel.filemap import WINDOW_BYTES, mapped_chunks
 
@@ -56,3 +59,8 @@ def test_a_region_past_the_end_is_refused_before_reading(data):
     path, content = data
     with pytest.raises(CheckpointError, match="ended early"):
         next(mapped_chunks(path, len(content) - 10, 11))
+
+
+def test_sha256_of(data):
+    path, content = data
+    assert sha256_of(path) == hashlib.sha256(content).hexdigest()
