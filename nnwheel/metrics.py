@@ -2,15 +2,20 @@
 
 Three families are all a dashboard or an autoscaler needs, so they are written by hand rather than
 through a client library: requests by route and status, request latency, and rows per model call.
-Everything is updated from the server's event loop thread, so no locks are needed.
+Everything is updated from the server's event loop thread, so no locks are needed. Several worker
+processes share theirs through a directory (SharedMetrics), so that /metrics counts for the whole server.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,6 +35,19 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # buckets are "less than or equal"
         self.total += value
+
+    def add(self, other: Histogram) -> None:
+        self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+
+    def to_json(self) -> dict[str, Any]:
+        return {"counts": self.counts, "total": self.total}
+
+    @classmethod
+    def from_json(cls, bounds: tuple[float, ...], data: dict[str, Any]) -> Histogram:
+        histogram = cls(bounds)
+        histogram.counts, histogram.total = list(data["counts"]), data["total"]
+        return histogram
 
     def lines(self, name: str, labels: str = "") -> list[str]:
         separator = "," if labels else ""
@@ -59,6 +77,29 @@ class ServeMetrics:
     def observe_model_call(self, rows: int) -> None:
         self.batch_rows.observe(rows)
 
+    def add(self, other: ServeMetrics) -> None:
+        self.requests.update(other.requests)
+        for route, histogram in other.latency.items():
+            self.latency.setdefault(route, Histogram(LATENCY_BUCKETS)).add(histogram)
+        self.batch_rows.add(other.batch_rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": [[route, status, count] for (route, status), count in self.requests.items()],
+            "latency": {route: histogram.to_json() for route, histogram in self.latency.items()},
+            "batch_rows": self.batch_rows.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, model: str, batching: bool, data: dict[str, Any]) -> ServeMetrics:
+        return cls(
+            model,
+            batching,
+            Counter({(route, status): count for route, status, count in data["requests"]}),
+            {route: Histogram.from_json(LATENCY_BUCKETS, h) for route, h in data["latency"].items()},
+            Histogram.from_json(BATCH_BUCKETS, data["batch_rows"]),
+        )
+
     def render(self) -> str:
         lines = [
             "# HELP nnwheel_requests_total HTTP requests answered, by route and status code.",
@@ -81,6 +122,35 @@ class ServeMetrics:
             f'nnwheel_batching_enabled{{model="{_escape(self.model)}"}} {int(self.batching)}',
         ]
         return "\n".join(lines) + "\n"
+
+
+class SharedMetrics:
+    """The metrics of one worker process among several, shared through files in a directory they all know.
+
+    Each worker writes its counts to a file of its own (publish(): the server does so every second and on
+    each /metrics request), and /metrics answers with the sum of every worker's latest file, so that a
+    scrape counts for the whole server, whichever worker answers it. The files of workers that have exited
+    stay in the sum: counters never go back.
+    """
+
+    def __init__(self, metrics: ServeMetrics, directory: Path, worker: str | None = None) -> None:
+        self.metrics = metrics
+        self.directory = directory
+        self._worker = worker or str(os.getpid())
+
+    def publish(self) -> None:
+        """Replace this worker's file at once, so that readers see the old counts or the new ones."""
+        partial = self.directory / f".{self._worker}.partial"
+        partial.write_text(json.dumps(self.metrics.to_json()), encoding="utf-8")
+        os.replace(partial, self.directory / f"{self._worker}.json")
+
+    def render(self) -> str:
+        self.publish()
+        total = ServeMetrics(self.metrics.model, self.metrics.batching)
+        for path in sorted(self.directory.glob("*.json")):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            total.add(ServeMetrics.from_json(self.metrics.model, self.metrics.batching, data))
+        return total.render()
 
 
 def _number(value: float) -> str:

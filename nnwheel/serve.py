@@ -18,10 +18,12 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -40,7 +42,7 @@ from . import __version__
 from .batching import Batcher, batch_difference
 from .errors import NnwheelError, ServeError
 from .manifest import Manifest
-from .metrics import CONTENT_TYPE, ServeMetrics
+from .metrics import CONTENT_TYPE, ServeMetrics, SharedMetrics
 from .models import describe_installed
 from .schema import TensorSpec
 
@@ -69,6 +71,7 @@ class ServeOptions:
     max_batch: int = 32  # rows per model call
     max_wait_ms: float = 5.0
     max_body_bytes: int = 32 * 1024 * 1024
+    metrics_dir: str | None = None  # where several workers add up their metrics (see SharedMetrics)
 
 
 class RequestFailed(Exception):
@@ -182,6 +185,7 @@ class _Server:
     model: ServedModel
     options: ServeOptions
     metrics: ServeMetrics
+    shared: SharedMetrics | None  # with several workers
     batcher: Batcher | None
     executor: ThreadPoolExecutor  # model calls that are not merged
 
@@ -252,7 +256,8 @@ class _Server:
         return _JSONResponse(reply)
 
     async def render_metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        text = self.shared.render() if self.shared else self.metrics.render()
+        return Response(text, media_type=CONTENT_TYPE)
 
     def _arriving(self) -> contextlib.AbstractContextManager[None]:
         return self.batcher.arriving() if self.batcher else contextlib.nullcontext()
@@ -350,6 +355,12 @@ def _v2_array(tensor: dict[str, Any], spec: TensorSpec) -> np.ndarray:
     return array.reshape(shape)
 
 
+async def _publish_every_second(shared: SharedMetrics) -> None:
+    while True:
+        await asyncio.sleep(1)
+        shared.publish()
+
+
 class _Metered:
     """ASGI middleware: counts every HTTP response by route and status, and times it."""
 
@@ -385,17 +396,23 @@ def create_app(model: ServedModel, options: ServeOptions) -> ASGIApp:
     batcher = (
         Batcher(model.call, options.max_batch, options.max_wait_ms / 1000, metrics.observe_model_call) if batching else None
     )
-    server = _Server(model, options, metrics, batcher, ThreadPoolExecutor(thread_name_prefix="nnwheel-predict"))
+    shared = SharedMetrics(metrics, Path(options.metrics_dir)) if options.metrics_dir else None
+    executor = ThreadPoolExecutor(thread_name_prefix="nnwheel-predict")
+    server = _Server(model, options, metrics, shared, batcher, executor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(batcher.run()) if batcher else None
+        tasks = [asyncio.create_task(batcher.run())] if batcher else []
+        if shared:
+            tasks.append(asyncio.create_task(_publish_every_second(shared)))
         yield
         # uvicorn has finished every in-flight request by now.
-        if task is not None:
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if shared:
+            shared.publish()  # the last counts of a worker that stops
         server.executor.shutdown()
 
     routes = [Route("/predict", server.predict, methods=["POST"]), Route("/metrics", server.render_metrics)]
@@ -492,7 +509,6 @@ def serve(options: ServeOptions) -> None:
         config = uvicorn.Config(create_app(ServedModel.load(options.name), options), **config_options)
     else:
         describe_installed(options.name)  # a wrong name fails here, not in every worker
-        os.environ[_OPTIONS_VARIABLE] = json.dumps(asdict(options))
         config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, **config_options)
     sock = _listen(options.host, options.port)
     logger.info("listening on http://%s:%d with %d worker(s)", options.host, options.port, options.workers)
@@ -500,10 +516,17 @@ def serve(options: ServeOptions) -> None:
         if options.workers == 1:
             uvicorn.Server(config).run(sockets=[sock])
         else:
-            supervisor = Multiprocess(config, sockets=[sock])
-            supervisor.run()
-            if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
-                raise ServeError(f"a worker could not start {options.name} (its error is above); the server stopped")
+            _run_workers(config, sock, options)
+
+
+def _run_workers(config: uvicorn.Config, sock: socket.socket, options: ServeOptions) -> None:
+    """uvicorn's supervisor of worker processes, which share their metrics through a directory of their own."""
+    with tempfile.TemporaryDirectory(prefix="nnwheel-metrics-") as metrics_dir:
+        os.environ[_OPTIONS_VARIABLE] = json.dumps(asdict(replace(options, metrics_dir=metrics_dir)))
+        supervisor = Multiprocess(config, sockets=[sock])
+        supervisor.run()
+    if any(process.exitcode == uvicorn.config.STARTUP_FAILURE for process in supervisor.processes):
+        raise ServeError(f"a worker could not start {options.name} (its error is above); the server stopped")
 
 
 def app_from_environment() -> ASGIApp:

@@ -355,10 +355,13 @@ def test_sigterm_answers_the_request_in_flight_then_exits_cleanly(env, tmp_path)
     assert "Finished server process" in log and "Traceback" not in log
 
 
-def test_several_worker_processes_serve_and_stop_on_sigterm(env, tmp_path):
+def test_several_worker_processes_serve_count_together_and_stop_on_sigterm(env, tmp_path):
     with serving(serve_command(env, "digits-mlp", "--workers", "2"), tmp_path) as server:
-        replies = [httpx.post(f"{server.url}/predict", json={"data": ROW}) for _ in range(4)]
+        replies = [httpx.post(f"{server.url}/predict", json={"data": ROW}) for _ in range(8)]
         assert all(reply.json()["predictions"] == replies[0].json()["predictions"] for reply in replies)
+        time.sleep(1.5)  # each worker writes its counts every second
+        for _ in range(4):  # each scrape, whichever worker answers it, counts every request of the server
+            assert metrics(server)['nnwheel_requests_total{route="/predict",code="200"}'] == 8
         assert server.stop() == 0
     assert server.log.read_text().count("Finished server process") == 2
 
