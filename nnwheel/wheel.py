@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -134,30 +135,61 @@ def _build_data(builder: WheelBuilder) -> dict[str, Any]:
 def _atomic_output(target: Path) -> Iterator[BinaryIO]:
     """Yield a file open for writing beside target; on success it becomes target, on any error it is removed.
 
+    Where the system allows it (Linux's O_TMPFILE), the file has no name until it is complete: a wrap ended
+    by a signal no code can handle (SIGKILL, the out-of-memory killer, or SIGBUS when the checkpoint is cut
+    short under its memory map) then leaves nothing behind either. Elsewhere it is a hidden .part file.
+
     The file is written through the descriptor that created it: reopening it with truncation would make ext4
     (auto_da_alloc) start writing it all back to disk when it is closed, a third of a second per GiB.
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        fd, partial = _new_file_beside(target)
     except OSError as error:
         raise OutputError(
             f"cannot write the wheel into {target.parent}: {error.strerror}. "
             "Choose a directory you can write to, or fix its permissions."
         ) from error
-    partial = Path(name)
     try:
         with os.fdopen(fd, "w+b") as file:
             yield file
-        normalize_artifact_permissions(name)
+            if partial is None:  # named only now, complete
+                file.flush()
+                partial = target.parent / f".{target.name}.{secrets.token_hex(4)}.part"
+                _name_unnamed_file(file.fileno(), partial)
+        normalize_artifact_permissions(str(partial))
         os.replace(partial, target)
     except BaseException as error:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
                 f"no space left to write {target}: free some space or choose another output directory."
             ) from error
         raise
+
+
+def _name_unnamed_file(fd: int, path: Path) -> None:
+    """Link an O_TMPFILE file to path, as open(2) shows: linkat() must follow /proc's link to it, which
+    os.link asks for only when it is given a directory descriptor."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory, follow_symlinks=True)
+    finally:
+        os.close(directory)
+
+
+def _new_file_beside(target: Path) -> tuple[int, Path | None]:
+    """A new file in target's directory, open for reading and writing: without a name (None) where the
+    system and its file system allow it, else a hidden .part file."""
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(target.parent, os.O_TMPFILE | os.O_RDWR, 0o666), None
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # an unsupported file system
+                raise
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    return fd, Path(name)
 
 
 class StreamingWheelArchive:

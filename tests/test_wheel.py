@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -182,6 +183,25 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     out_dir = tmp_path / "dist"
     with pytest.raises(KeyboardInterrupt):
         build_wheel(make_project(tmp_path / "project"), out_dir)
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="unnamed files (O_TMPFILE) are Linux's")
+def test_build_killed_outright_leaves_nothing(tmp_path):
+    project, out_dir = make_project(tmp_path / "project"), tmp_path / "dist"
+    killed_while_copying = f"""
+import os, signal
+from pathlib import Path
+from nnwheel import wheel
+
+class Killed(wheel.Progress):
+    def advance(self, n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+wheel.Progress = Killed
+wheel.build_wheel(Path({str(project)!r}), Path({str(out_dir)!r}))
+"""
+    assert subprocess.run([sys.executable, "-c", killed_while_copying]).returncode == -signal.SIGKILL
     assert list(out_dir.iterdir()) == []
 
 
