@@ -25,20 +25,22 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 def mapped_chunks(path: Path, offset: int = 0, size: int | None = None) -> Iterator[memoryview]:
     """The bytes of `path` from `offset`, `size` of them (to the end by default), one window per chunk.
 
-    A chunk stays valid for as long as something refers to it. A file shorter than the bytes asked for
-    raises CheckpointError; one cut short while it is mapped would end the process with SIGBUS, as it would
-    under torch.load(mmap=True): wrap refuses a checkpoint that changes while it is wrapped
-    (checkpoint.check_unchanged), but cannot stop another process from truncating it meanwhile.
+    A chunk stays valid for as long as something refers to it. A file shorter than the bytes asked for, or
+    cut short between two windows, raises CheckpointError. One cut short under a window being read ends the
+    process with SIGBUS, as it would under torch.load(mmap=True): wrap refuses a checkpoint that changes
+    while it is wrapped (checkpoint.check_unchanged), but cannot stop another process from truncating it.
     """
     with path.open("rb") as file:
-        file_size = os.fstat(file.fileno()).st_size
-        end = file_size if size is None else offset + size
-        if end > file_size:
-            raise CheckpointError(f"{path} ended early while it was read; was it changed meanwhile? Wrap it again")
+        end = os.fstat(file.fileno()).st_size if size is None else offset + size
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         while start < end:
             length = min(WINDOW_BYTES, end - start)
-            window = mmap.mmap(file.fileno(), length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
-                               offset=start)
+            try:
+                window = mmap.mmap(file.fileno(), length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
+                                   offset=start)
+            except ValueError:  # mmap's own check: the window must lie within the file as it is now
+                raise CheckpointError(
+                    f"{path} ended early while it was read; was it changed meanwhile? Wrap it again once it is saved"
+                ) from None
             yield memoryview(window)[max(offset - start, 0) :]
             start += length

@@ -61,6 +61,18 @@ def test_a_region_past_the_end_is_refused_before_reading(data):
         next(mapped_chunks(path, len(content) - 10, 11))
 
 
+def test_a_file_cut_short_between_windows(data, tmp_path):
+    path, content = data
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(content)
+    chunks = mapped_chunks(copy)
+    assert len(next(chunks)) == WINDOW_BYTES  # not read again: its pages past the new end would be gone
+    with copy.open("r+b") as file:
+        file.truncate(WINDOW_BYTES + 10)
+    with pytest.raises(CheckpointError, match="ended early"):
+        next(chunks)
+
+
 def test_sha256_of(data):
     path, content = data
     assert sha256_of(path) == hashlib.sha256(content).hexdigest()
