@@ -155,8 +155,9 @@ def _atomic_output(target: Path) -> Iterator[BinaryIO]:
             yield file
             if partial is None:  # named only now, complete
                 file.flush()
-                partial = target.parent / f".{target.name}.{secrets.token_hex(4)}.part"
-                _name_unnamed_file(file.fileno(), partial)
+                name = target.parent / f".{target.name}.{secrets.token_hex(8)}.part"
+                _name_unnamed_file(file.fileno(), name)
+                partial = name  # ours to remove only once the link made it
         normalize_artifact_permissions(str(partial))
         os.replace(partial, target)
     except BaseException as error:
