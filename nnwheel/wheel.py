@@ -3,9 +3,9 @@
 hatchling decides *what* goes into the wheel: which files, the file name and tag, METADATA, WHEEL,
 entry_points.txt, license files and their order. We call its own builder for all of that, so the
 answer cannot drift from `python -m build --wheel`. This module only changes *how* package files are
-written: each is read once through memory-mapped windows (filemap), hashed for RECORD while it is copied into the zip, and
-weights are stored instead of deflated (see DEFLATED_SUFFIXES). The wheel appears in out_dir only
-once it is complete.
+written: each is read once, through memory-mapped windows (filemap), and hashed for RECORD while it is
+copied into the zip, and weights are stored instead of deflated (see DEFLATED_SUFFIXES). The wheel
+appears in out_dir only once it is complete.
 """
 
 from __future__ import annotations
