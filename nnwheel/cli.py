@@ -107,9 +107,9 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_wrap(args: argparse.Namespace) -> None:
-    from .arch import parse_arch
     from .errors import UsageError
     from .schema import parse_dtype, parse_shape, specs_from_shapes
+    from .sources.arch import parse_arch
     from .wrap import WrapRequest, wrap
 
     if args.input_dtype and not args.input_shape:
@@ -262,13 +262,13 @@ def _add_index_dir(action: argparse.ArgumentParser) -> None:
 
 
 def _index_dir(args: argparse.Namespace) -> Path:
-    from .index import default_dir
+    from .share.index import default_dir
 
     return args.dir or default_dir()
 
 
 def _run_index_start(args: argparse.Namespace) -> None:
-    from . import index
+    from .share import index
 
     index_dir = _index_dir(args)
     config = index.configure(
@@ -291,7 +291,7 @@ def _run_index_start(args: argparse.Namespace) -> None:
 
 
 def _run_index_status(args: argparse.Namespace) -> int:
-    from . import index
+    from .share import index
 
     running = index.find_running(_index_dir(args))
     if running is None:
@@ -304,13 +304,13 @@ def _run_index_status(args: argparse.Namespace) -> int:
 
 
 def _run_index_url(args: argparse.Namespace) -> None:
-    from . import index
+    from .share import index
 
     print(index.require_running(_index_dir(args)).config.url)
 
 
 def _run_index_stop(args: argparse.Namespace) -> None:
-    from . import index
+    from .share import index
 
     stopped = index.stop(_index_dir(args))
     print(f"stopped {stopped.config.url} (pid {stopped.pid})" if stopped else "not running")
@@ -337,8 +337,8 @@ def _add_publish(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> None:
-    from . import publish
-    from .index import default_dir
+    from .share import publish
+    from .share.index import default_dir
 
     wheels = [publish.read_model_wheel(path) for path in args.wheels]
     target = publish.resolve_target(args.index, args.user, args.password, default_dir())
@@ -393,7 +393,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     if args.workers < 1 or args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0:
         raise UsageError("--workers and --max-batch are at least 1, --max-wait-ms at least 0, --max-body-mb above 0")
     try:
-        from . import serve
+        from .serving import serve
     except ImportError as error:
         raise MissingDependencyError(f"nnwheel serve needs {error.name}: pip install 'nnwheel[serve]'") from None
     serve.serve(
@@ -428,7 +428,7 @@ def _add_deploy(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_deploy(args: argparse.Namespace) -> None:
-    from .deploy import deploy
+    from .serving.deploy import deploy
 
     done = deploy(args.name, args.index, args.version, args.out, args.image)
     dockerfile, manifests = done.files

@@ -17,13 +17,28 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .arch import ArchSpec
-from .checkpoint import Checkpoint, Format, check_unchanged, read_checkpoint, sha256_of, without_prefix
 from .errors import ConversionError, OutputError, UsageError
 from .manifest import MANIFEST_NAME, Manifest, Source
 from .names import PackageName, parse_package_name, parse_version
-from .pack import Packed, pack, pack_onnx, pack_table, torch_version
-from .render import ProjectMetadata, write_manifest, write_package_code, write_project_files, write_pyproject
+from .package.pack import Packed, pack, pack_onnx, pack_table, torch_version
+from .package.render import (
+    ProjectMetadata,
+    write_manifest,
+    write_package_code,
+    write_project_files,
+    write_pyproject,
+)
+from .package.trial import (
+    FORK_META_RUN,
+    MetaBuild,
+    MetaRun,
+    imported,
+    is_large,
+    keras_inputs,
+    real_run,
+    zeros_for,
+)
+from .package.wheel import build_wheel
 from .schema import (
     TensorSpec,
     free_where_different,
@@ -32,9 +47,16 @@ from .schema import (
     load_example,
     output_schema,
 )
-from .tensor_table import StoredTensor, read_tensor_table
-from .trial import FORK_META_RUN, MetaBuild, MetaRun, imported, is_large, keras_inputs, real_run, zeros_for
-from .wheel import build_wheel
+from .sources.arch import ArchSpec
+from .sources.checkpoint import (
+    Checkpoint,
+    Format,
+    check_unchanged,
+    read_checkpoint,
+    sha256_of,
+    without_prefix,
+)
+from .sources.tensor_table import StoredTensor, read_tensor_table
 
 
 @dataclass(frozen=True)
@@ -285,7 +307,7 @@ def _convert_to_onnx(tmp: Path, torch_package: Path, manifest: Manifest, example
     """
     import numpy as np
 
-    from .to_onnx import check_agreement, check_inputs, export_onnx
+    from .package.to_onnx import check_agreement, check_inputs, export_onnx
 
     examples = [check_inputs(manifest.inputs)]
     if example is not None:
@@ -341,7 +363,10 @@ def _check_requirements(requires: Sequence[str]) -> tuple[str, ...]:
 def _check_license(license: str | None) -> str | None:
     if license is None:
         return None
-    from packaging.licenses import InvalidLicenseExpression, canonicalize_license_expression
+    from packaging.licenses import (
+        InvalidLicenseExpression,
+        canonicalize_license_expression,
+    )
 
     try:
         return str(canonicalize_license_expression(license))

@@ -238,7 +238,7 @@ def devpi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devpi]:
 def tiny_model_wheel(out_dir: Path, name: str = "tiny-model", version: str = "0.1.0", answer: int = 42) -> Path:
     """A minimal wheel that follows the contract for "a wheel made by nnwheel" (one PACKAGE/nnwheel.json and a
     nnwheel.models entry point), without torch: fast to build, so tests can make many variants."""
-    from nnwheel.wheel import build_wheel
+    from nnwheel.package.wheel import build_wheel
 
     import_name = name.replace("-", "_")
     project = out_dir / f"{import_name}-{version}-{answer}-project"

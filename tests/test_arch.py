@@ -8,9 +8,9 @@ from email.parser import HeaderParser
 from pathlib import Path
 
 import torch
-
 from conftest import make_venv, nnwheel
-from nnwheel.arch import ArchSpec, third_party_requirements
+
+from nnwheel.sources.arch import ArchSpec, third_party_requirements
 
 NET = """\
 import torch

@@ -14,7 +14,6 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import ROOT, make_venv, nnwheel, serving
 
 BIN = Path(sys.executable).parent

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_module, nnwheel
 from safetensors.torch import load_file, save_file
 
-from conftest import load_module, nnwheel
+from nnwheel.package.weights import copy_weights, fit_to_model, write_safetensors
 from nnwheel.schema import output_schema
-from nnwheel.weights import copy_weights, fit_to_model, write_safetensors
 
 ARCH = textwrap.dedent('''\
     import torch
@@ -253,9 +253,9 @@ def test_copy_weights_hashes_what_it_wrote(tmp_path):
 def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatch, kind):
     """Small models take the real run at wrap time; large ones the meta run, in a forked child or (where
     fork is not used) in this process, which must give the same schema."""
-    from nnwheel import trial
-    from nnwheel.arch import parse_arch
     from nnwheel.manifest import Manifest
+    from nnwheel.package import trial
+    from nnwheel.sources.arch import parse_arch
 
     arch_file, model = tagger
     if kind == "state_dict":
@@ -287,9 +287,9 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatc
 @pytest.mark.parametrize("class_name", ["Picky", "Exits"])
 def test_a_meta_run_that_cannot_answer_or_dies_leaves_the_answer_to_the_real_run(tmp_path, tagger, class_name):
     """None from the child, whether the model cannot run on the meta device or its process dies."""
-    from nnwheel import trial
-    from nnwheel.arch import copy_sources, parse_arch
+    from nnwheel.package import trial
     from nnwheel.schema import specs_from_shapes
+    from nnwheel.sources.arch import copy_sources, parse_arch
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:{class_name}", None, [])
@@ -303,9 +303,9 @@ def test_a_meta_run_that_cannot_answer_or_dies_leaves_the_answer_to_the_real_run
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the meta run is forked on Linux only")
 def test_a_meta_run_nobody_waits_for_is_ended_with_the_wrap(tmp_path, tagger):
-    from nnwheel import trial
-    from nnwheel.arch import copy_sources, parse_arch
+    from nnwheel.package import trial
     from nnwheel.schema import specs_from_shapes
+    from nnwheel.sources.arch import copy_sources, parse_arch
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:Sleeps", None, [])
@@ -335,10 +335,10 @@ def test_weights_streamed_into_the_wheel_give_the_same_wheel(tmp_path, tagger, m
     """Large weights skip the package and are written straight into the wheel, hashed beforehand on a second
     core; the wheel must be the plain path's, byte for byte. Picky's meta run fails: its real run must get
     the weights written first."""
-    from nnwheel import trial
-    from nnwheel.arch import parse_arch
+    from nnwheel.package import trial
+    from nnwheel.package.weights import DeferredWeights
     from nnwheel.schema import specs_from_shapes
-    from nnwheel.weights import DeferredWeights
+    from nnwheel.sources.arch import parse_arch
     from nnwheel.wrap import WrapRequest
     from nnwheel.wrap import wrap as wrap_in_process
 
@@ -379,8 +379,8 @@ def _tiny_project(root: Path) -> Path:
 def test_complete_gets_the_streamed_hashes_and_writes_what_follows(tmp_path):
     """build_wheel's `complete` runs once the streamed file is in the wheel; the files after it and README.md
     (METADATA) are read after it: the wheel is the one built from the finished project."""
-    from nnwheel.weights import StreamedFile
-    from nnwheel.wheel import build_wheel
+    from nnwheel.package.weights import StreamedFile
+    from nnwheel.package.wheel import build_wheel
 
     weights, manifest = b"12345678" * 1000, '{"sha256": "%s"}' % hashlib.sha256(b"12345678" * 1000).hexdigest()
     finished = _tiny_project(tmp_path / "finished")
@@ -408,11 +408,11 @@ def test_complete_gets_the_streamed_hashes_and_writes_what_follows(tmp_path):
 
 
 def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, tagger, monkeypatch):
-    from nnwheel import trial
     from nnwheel import wrap as wrap_module
-    from nnwheel.arch import parse_arch
     from nnwheel.errors import CheckpointError
+    from nnwheel.package import trial
     from nnwheel.schema import specs_from_shapes
+    from nnwheel.sources.arch import parse_arch
 
     arch_file, model = tagger
     checkpoint = tmp_path / "model.pth"
@@ -435,7 +435,7 @@ def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, t
     assert list((tmp_path / "dist").iterdir()) == []
 
 def test_link_weights_falls_back_to_a_copy_across_file_systems(tmp_path, monkeypatch):
-    from nnwheel.weights import link_weights
+    from nnwheel.package.weights import link_weights
 
     source = tmp_path / "weights.bin"
     source.write_bytes(np.random.default_rng(0).bytes((1 << 20) + 5))
@@ -457,9 +457,9 @@ def test_the_meta_run_answers_where_sigchld_is_ignored(tmp_path, tagger):
     """A process started with SIGCHLD ignored has its children reaped by the system: no status to wait for."""
     import signal
 
-    from nnwheel import trial
-    from nnwheel.arch import copy_sources, parse_arch
+    from nnwheel.package import trial
     from nnwheel.schema import specs_from_shapes
+    from nnwheel.sources.arch import copy_sources, parse_arch
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:Smoother", None, [])
@@ -478,8 +478,8 @@ PLAIN = '{"tied": false, "positions": false}'  # a Tagger whose weights a tensor
 
 
 def wrap_request(checkpoint: Path, arch: str, out_dir: Path, inputs=INPUTS, kwargs=None, **options):
-    from nnwheel.arch import parse_arch
     from nnwheel.schema import parse_shape, specs_from_shapes
+    from nnwheel.sources.arch import parse_arch
     from nnwheel.wrap import WrapRequest
 
     shapes, dtypes = [parse_shape(shape) for shape in inputs[1::4]], inputs[3::4]
@@ -492,8 +492,8 @@ def wrap_request(checkpoint: Path, arch: str, out_dir: Path, inputs=INPUTS, kwar
 def wheels_both_ways(monkeypatch, request) -> tuple[bytes, bytes, int]:
     """The wheel wrapped from the checkpoint's tensor table, the one wrapped through torch.load, and how many
     times the table path got as far as the wheel's end (where the child's check_fit answer decides)."""
-    from nnwheel import trial
     from nnwheel import wrap as wrap_module
+    from nnwheel.package import trial
 
     monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)  # these small models take the large models' paths
     completions = []
@@ -547,10 +547,10 @@ def test_a_table_that_is_not_the_files_tensors_goes_through_torch(tmp_path, tagg
 
 @pytest.mark.parametrize("misfit", ["missing key", "wrong shape", "bad kwargs"])
 def test_a_table_that_does_not_fit_its_class_gets_torchs_error_and_leaves_no_wheel(tmp_path, tagger, monkeypatch, misfit):
-    from nnwheel import trial
     from nnwheel import wrap as wrap_module
-    from nnwheel.arch import parse_arch
     from nnwheel.errors import ArchitectureError
+    from nnwheel.package import trial
+    from nnwheel.sources.arch import parse_arch
 
     arch_file, _ = tagger
     state = load_module(arch_file).Tagger(tied=False, positions=False).state_dict()
@@ -581,7 +581,8 @@ def test_a_tables_wrap_never_imports_torch_in_the_wrapping_process(tmp_path, tag
     torch.save(load_module(arch_file).Tagger(tied=False, positions=False).state_dict(), tmp_path / "reader.pth")
     code = textwrap.dedent(f"""\
         import sys
-        from nnwheel import cli, trial
+        from nnwheel import cli
+        from nnwheel.package import trial
         trial.META_RUN_ABOVE_BYTES = 0
         status = cli.main(["wrap", {str(tmp_path / "reader.pth")!r}, "--name", "reader", "--arch",
                            {f"{arch_file}:Tagger"!r}, "--arch-kwargs", {PLAIN!r}, *{list(INPUTS)!r},

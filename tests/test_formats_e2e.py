@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXAMPLE, digits_model, make_venv, nnwheel
 from safetensors.torch import save_file
 
-from conftest import EXAMPLE, digits_model, make_venv, nnwheel
 
 @pytest.fixture(scope="module")
 def original() -> torch.nn.Module:

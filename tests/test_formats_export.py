@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from nnwheel import trial
 from nnwheel.errors import SchemaError
-from nnwheel.exportfile import read_export_interface
-from nnwheel.pack import _export_input_specs
+from nnwheel.package import trial
+from nnwheel.package.pack import _export_input_specs
+from nnwheel.sources.torch_export import read_export_interface
 from nnwheel.wrap import WrapRequest
 from nnwheel.wrap import wrap as wrap_in_process
 
@@ -132,7 +132,13 @@ def _wrap_both_ways(tmp_path: Path, monkeypatch, checkpoint: Path) -> tuple[Path
 @pytest.mark.parametrize("name", list(_programs()))
 def test_archive_schema_is_torchs(programs, name):
     """Inputs as torch.export.load gives them; outputs as the module's run on the trial's zeros gives them."""
-    from nnwheel.schema import example_for, free_where_different, has_free_inner_dims, is_batched, output_schema
+    from nnwheel.schema import (
+        example_for,
+        free_where_different,
+        has_free_inner_dims,
+        is_batched,
+        output_schema,
+    )
 
     path = programs[name]
     interface = read_export_interface(path)
@@ -215,7 +221,7 @@ def test_large_program_is_wrapped_without_importing_torch(tmp_path):
                  ({0: Dim("batch"), 1: Dim("length")}, {0: Dim("batch")}), tmp_path / "tagger.pt2")
     code = textwrap.dedent(f"""\
         import sys
-        from nnwheel import trial
+        from nnwheel.package import trial
         from nnwheel.cli import main
         trial.META_RUN_ABOVE_BYTES = 0
         code = main(["wrap", {str(path)!r}, "--name", "no-torch", "--out", {str(tmp_path / "dist")!r}])

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, Venv, make_resolving_venv, nnwheel
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import EXAMPLE, ROOT, Venv, digits_model, nnwheel
 
 pytestmark = pytest.mark.e2e

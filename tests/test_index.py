@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, make_resolving_venv, nnwheel, tiny_model_wheel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("plain_pip")]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nnwheel.metrics import ServeMetrics, SharedMetrics
+from nnwheel.serving.metrics import ServeMetrics, SharedMetrics
 
 
 def observed(*requests: tuple[str, int, float], rows: tuple[int, ...] = ()) -> ServeMetrics:

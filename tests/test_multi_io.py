@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, Venv, load_module, make_resolving_venv, nnwheel
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import load_module, nnwheel
 
 ARCH = textwrap.dedent('''\

@@ -14,9 +14,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import (
+    EXAMPLE,
+    DevpiIndex,
+    free_port,
+    make_resolving_venv,
+    nnwheel,
+    running_devpi,
+    tiny_model_wheel,
+)
 
-from conftest import EXAMPLE, DevpiIndex, free_port, make_resolving_venv, nnwheel, running_devpi, tiny_model_wheel
-from nnwheel.publish import PYPI_FILE_LIMIT, ModelWheel, Target, oversize_warning
+from nnwheel.share.publish import PYPI_FILE_LIMIT, ModelWheel, Target, oversize_warning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("plain_pip")]
 

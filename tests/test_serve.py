@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import ROOT, Server, free_port, load_module, make_venv, nnwheel, serving
 
 pytestmark = pytest.mark.e2e

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nnwheel.checkpoint import read_checkpoint
-from nnwheel.tensor_table import read_tensor_table
+from nnwheel.sources.checkpoint import read_checkpoint
+from nnwheel.sources.tensor_table import read_tensor_table
 
 
 def every_dtype() -> dict[str, torch.Tensor]:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from nnwheel import wheel
 from nnwheel.errors import BuildError, OutputError
+from nnwheel.package import wheel
+from nnwheel.package.wheel import build_wheel
 from nnwheel.progress import Progress
-from nnwheel.wheel import build_wheel
 
 WHEEL_NAME = "mnist_mlp-0.1.0-py3-none-any.whl"
 VENV_BIN = Path(sys.executable).parent
@@ -192,7 +192,7 @@ def test_build_killed_outright_leaves_nothing(tmp_path):
     killed_while_copying = f"""
 import os, signal
 from pathlib import Path
-from nnwheel import wheel
+from nnwheel.package import wheel
 
 class Killed(wheel.Progress):
     def advance(self, n):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import EXAMPLE, make_venv, nnwheel
 
 ARCH = f"{EXAMPLE / 'model.py'}:DigitsMLP"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import EXAMPLE
+
 from nnwheel.cli import main
 
 ARCH = f"{EXAMPLE / 'model.py'}:DigitsMLP"

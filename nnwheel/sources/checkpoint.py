@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import CheckpointError, UsageError, first_line
-from .filemap import mapped_chunks
-from .progress import Progress
+from ..errors import CheckpointError, UsageError, first_line
+from ..filemap import mapped_chunks
+from ..progress import Progress
 
 if TYPE_CHECKING:
     import torch

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ArchitectureError, UsageError
+from ..errors import ArchitectureError, UsageError
 
 if TYPE_CHECKING:
     import torch

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from .manifest import MANIFEST_NAME, Manifest
+from ..manifest import MANIFEST_NAME, Manifest
 
 # In the source tree template/ sits beside nnwheel/; in an installed nnwheel it is packaged as nnwheel/template.
-_HERE = Path(__file__).resolve().parent
-TEMPLATE_DIR = next(p for p in (_HERE / "template", _HERE.parent / "template") if p.is_dir())
+_NNWHEEL = Path(__file__).resolve().parent.parent
+TEMPLATE_DIR = next(p for p in (_NNWHEEL / "template", _NNWHEEL.parent / "template") if p.is_dir())
 
 # Files of template/package/ every model package gets, and the runtime module chosen by the manifest.
 _PACKAGE_FILES = ("__init__.py", "__main__.py", "_schema.py")

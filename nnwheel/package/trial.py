@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .arch import ArchSpec, build_on_meta, import_class
-from .errors import ArchitectureError, CheckpointError, NnwheelError, SchemaError, UsageError
-from .manifest import Manifest
-from .schema import (
+from ..errors import (
+    ArchitectureError,
+    CheckpointError,
+    NnwheelError,
+    SchemaError,
+    UsageError,
+)
+from ..manifest import Manifest
+from ..schema import (
     OutputSchema,
     TensorSpec,
     example_for,
@@ -33,11 +38,12 @@ from .schema import (
     numpy_example_for,
     output_schema,
 )
+from ..sources.arch import ArchSpec, build_on_meta, import_class
 
 if TYPE_CHECKING:
     import torch
 
-    from .tensor_table import StoredTensor
+    from ..sources.tensor_table import StoredTensor
     from .weights import DeferredWeights
 
 # Weights above this size get the run without weights first (see meta_run, MetaRun).

@@ -16,12 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
 from packaging.version import Version
 
-from . import __version__
-from .errors import DeployError, IndexUnreachableError, OutputError, UsageError
-from .names import parse_package_name, parse_version
+from .. import __version__
+from ..errors import DeployError, IndexUnreachableError, OutputError, UsageError
+from ..names import parse_package_name, parse_version
 
 PORT = 8080
 USER_ID = 10001

@@ -11,7 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arch import (
+from ..errors import MissingDependencyError, SchemaError, UsageError
+from ..manifest import Arch, WeightsFile
+from ..schema import OutputSchema, TensorSpec, dtype_name, specs_from_example
+from ..sources.arch import (
     ArchSpec,
     build_on_meta,
     check_local_imports,
@@ -19,17 +22,20 @@ from .arch import (
     import_class,
     third_party_requirements,
 )
-from .checkpoint import Checkpoint, Format, load_state_dict
-from .errors import MissingDependencyError, SchemaError, UsageError
-from .exportfile import read_export_interface
-from .manifest import Arch, WeightsFile
-from .schema import OutputSchema, TensorSpec, dtype_name, specs_from_example
+from ..sources.checkpoint import Checkpoint, Format, load_state_dict
+from ..sources.torch_export import read_export_interface
 from .trial import is_large
-from .weights import DeferredWeights, SafetensorsLayout, TableLayout, fit_to_model, link_weights
+from .weights import (
+    DeferredWeights,
+    SafetensorsLayout,
+    TableLayout,
+    fit_to_model,
+    link_weights,
+)
 
 if TYPE_CHECKING:
-    from .tensor_table import StoredTensor
-    from .wrap import WrapRequest
+    from ..sources.tensor_table import StoredTensor
+    from ..wrap import WrapRequest
 
 
 # Lowest torch each format needs: assign=True in load_state_dict came with 2.1. Exported programs and
@@ -207,7 +213,7 @@ def pack_onnx(source: Path, package: Path, structure: str | None) -> Packed:
     Several outputs come back as a dict keyed by their graph names, unless `structure` (the PyTorch
     model's, for --to onnx) says otherwise.
     """
-    from .onnxfile import read_onnx
+    from ..sources.onnx import read_onnx
 
     runtime_version = _installed_minor("onnxruntime", "onnx")
     graph = read_onnx(source)
@@ -228,7 +234,7 @@ def pack_onnx(source: Path, package: Path, structure: str | None) -> Packed:
 
 def _pack_keras(source: Path, package: Path) -> Packed:
     """The .keras or .h5 file as it is; its inputs are read once the runtime has loaded it (keras_inputs)."""
-    from .checkpoint import HDF5_MAGIC
+    from ..sources.checkpoint import HDF5_MAGIC
 
     keras_version = _installed_minor("keras", "keras")
     with source.open("rb") as file:

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import sha256_of
-from .errors import ArchitectureError, CheckpointError
-from .filemap import mapped_chunks
-from .progress import Progress
+from ..errors import ArchitectureError, CheckpointError
+from ..filemap import mapped_chunks
+from ..progress import Progress
+from ..sources.checkpoint import sha256_of
 
 if TYPE_CHECKING:
     import torch
 
-    from .tensor_table import StoredTensor
+    from ..sources.tensor_table import StoredTensor
 
 # Large enough that per-call costs vanish next to hashing and copying, small enough to stay out of the footprint.
 _CHUNK_BYTES = 1 << 20

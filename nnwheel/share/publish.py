@@ -25,13 +25,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.utils import (
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_wheel_filename,
+)
 
-from . import index
-from .checkpoint import sha256_of
-from .manifest import MANIFEST_NAME
-from .models import ENTRY_POINT_GROUP
-from .errors import (
+from ..errors import (
     AlreadyReleasedError,
     AuthenticationError,
     IndexNotRunningError,
@@ -42,6 +42,10 @@ from .errors import (
     UploadRejectedError,
     UploadTooLargeError,
 )
+from ..manifest import MANIFEST_NAME
+from ..models import ENTRY_POINT_GROUP
+from ..sources.checkpoint import sha256_of
+from . import index
 
 # PyPI's default per-file limit; projects can ask for more.
 PYPI_FILE_LIMIT = 100 * 1000 * 1000

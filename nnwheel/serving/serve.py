@@ -38,13 +38,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.supervisors import Multiprocess
 
-from . import __version__
+from .. import __version__
+from ..errors import NnwheelError, ServeError
+from ..manifest import Manifest
+from ..models import describe_installed
+from ..schema import TensorSpec
 from .batching import Batcher, batch_difference
-from .errors import NnwheelError, ServeError
-from .manifest import Manifest
 from .metrics import CONTENT_TYPE, ServeMetrics, SharedMetrics
-from .models import describe_installed
-from .schema import TensorSpec
 
 # Worker processes (--workers > 1) are spawned by uvicorn and read their options from here.
 _OPTIONS_VARIABLE = "NNWHEEL_SERVE_OPTIONS"

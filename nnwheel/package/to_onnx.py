@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConversionError, MissingDependencyError, first_line
-from .schema import TensorSpec
+from ..errors import ConversionError, MissingDependencyError, first_line
+from ..schema import TensorSpec
 
 if TYPE_CHECKING:
     import numpy as np

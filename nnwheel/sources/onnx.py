@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import CheckpointError, MissingDependencyError, SchemaError
-from .schema import DTYPES, TensorSpec
+from ..errors import CheckpointError, MissingDependencyError, SchemaError
+from ..schema import DTYPES, TensorSpec
 
 # ONNX's names for the element types nnwheel's schema knows, where they differ from numpy's.
 _ONNX_DTYPE_NAMES = {"float": "float32", "double": "float64"}

@@ -32,9 +32,9 @@ from hatchling.builders.utils import (
 )
 from hatchling.builders.wheel import RecordFile, WheelArchive, WheelBuilder
 
-from .errors import BuildError, OutputError
-from .filemap import mapped_chunks
-from .progress import Progress
+from ..errors import BuildError, OutputError
+from ..filemap import mapped_chunks
+from ..progress import Progress
 
 if TYPE_CHECKING:
     from .weights import StreamedFile

@@ -36,7 +36,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .errors import IndexNotRunningError, LocalIndexError, MissingDependencyError, UsageError
+from ..errors import (
+    IndexNotRunningError,
+    LocalIndexError,
+    MissingDependencyError,
+    UsageError,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3141

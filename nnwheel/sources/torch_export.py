@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .schema import OutputSchema, TensorSpec, free_where_different, has_free_inner_dims, is_batched, output_schema
+from ..schema import (
+    OutputSchema,
+    TensorSpec,
+    free_where_different,
+    has_free_inner_dims,
+    is_batched,
+    output_schema,
+)
 
 _ARCHIVE_VERSION = b"0"  # torch/export/pt2_archive/constants.py ARCHIVE_VERSION_VALUE
 _SCHEMA_MAJOR = 8  # the serialized layout this reader knows: torch/_export/serde/schema.py SCHEMA_VERSION

@@ -1,0 +1,1 @@
+"""Serving an installed model: the HTTP app, batching, metrics, and deployment files."""

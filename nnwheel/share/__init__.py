@@ -1,0 +1,1 @@
+"""Sharing wheels: the local devpi index, and publishing to it or to PyPI."""

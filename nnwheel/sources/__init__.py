@@ -1,0 +1,1 @@
+"""Model sources: one module per input format, each reading a file safely and describing what it holds."""
