@@ -1,0 +1,95 @@
+"""The command line of serving: `nnwheel serve` and `nnwheel deploy`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..urls import port
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_serve(commands)
+    _add_deploy(commands)
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve an installed model over HTTP (needs nnwheel[serve])",
+        description="Serve an installed model package with uvicorn: POST /predict {\"data\": ...}, the Open "
+        "Inference Protocol (KServe V2) under /v2, and Prometheus metrics at /metrics. Concurrent "
+        "requests are merged into one model call when the model gives each row identical results in "
+        "every batch size (checked at start; never for inputs with a free dimension besides the batch, "
+        "whose sizes a check cannot all try). SIGTERM finishes the requests in flight, then stops.",
+        epilog="example: nnwheel serve mnist-mlp --port 8080, then "
+        "curl -X POST localhost:8080/predict -d '{\"data\": [[...]]}'",
+    )
+    serve.add_argument("name", metavar="NAME", help="an installed model, e.g. mnist-mlp (see nnwheel list)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                       "(default: %(default)s)")
+    serve.add_argument("--port", type=port, default=8080, help="port (default: %(default)s)")
+    serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the "
+                       "model (default: %(default)s)")
+    batching = serve.add_argument_group("micro-batching")
+    batching.add_argument("--no-batching", dest="batching", action="store_false",
+                          help="run every request on its own")
+    batching.add_argument("--inexact-batching", action="store_true",
+                          help="merge requests even when the model rounds a row differently in a bigger batch "
+                          "(more throughput; results may differ from single calls in the last bits)")
+    batching.add_argument("--max-batch", type=int, default=32, help="most rows per model call (default: %(default)s)")
+    batching.add_argument("--max-wait-ms", type=float, default=5.0,
+                          help="longest wait for more requests while others are arriving (default: %(default)s)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="larger request bodies are refused with 413 (default: %(default)s)")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from ..errors import MissingDependencyError, UsageError
+
+    if args.workers < 1 or args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0:
+        raise UsageError("--workers and --max-batch are at least 1, --max-wait-ms at least 0, --max-body-mb above 0")
+    try:
+        from . import serve
+    except ImportError as error:
+        raise MissingDependencyError(f"nnwheel serve needs {error.name}: pip install 'nnwheel[serve]'") from None
+    serve.serve(
+        serve.ServeOptions(
+            name=args.name, host=args.host, port=args.port, workers=args.workers, batching=args.batching,
+            inexact_batching=args.inexact_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        )
+    )
+
+
+def _add_deploy(commands: argparse._SubParsersAction) -> None:
+    deploy = commands.add_parser(
+        "deploy",
+        help="write a Dockerfile and Kubernetes manifests that serve a model from an index",
+        description="Write DIR/Dockerfile (pip installs NAME==VERSION and nnwheel[serve] from the index and "
+        "runs nnwheel serve as a non-root user, with a HEALTHCHECK) and DIR/kubernetes.yaml (a Deployment "
+        "with probes on the V2 health endpoints and resource limits, a Service and a "
+        "HorizontalPodAutoscaler). Nothing is built or applied.",
+        epilog="example: nnwheel deploy mnist-mlp --index https://devpi.example.com/team/models/+simple/ "
+        "--image registry.example.com/mnist-mlp:0.1.0",
+    )
+    deploy.add_argument("name", metavar="NAME", help="the model's distribution name, e.g. mnist-mlp")
+    deploy.add_argument("--index", required=True, metavar="URL",
+                        help="the package index the image installs from: the URL pip takes as --index-url")
+    deploy.add_argument("--version", help="the model version to deploy (default: the newest on the index)")
+    deploy.add_argument("--out", type=Path, default=Path("deploy"), metavar="DIR",
+                        help="where to write the files (default: %(default)s)")
+    deploy.add_argument("--image", help="the image reference the Deployment runs, in your registry "
+                        "(default: NAME:VERSION)")
+    deploy.set_defaults(run=_run_deploy)
+
+
+def _run_deploy(args: argparse.Namespace) -> None:
+    from .deploy import deploy
+
+    done = deploy(args.name, args.index, args.version, args.out, args.image)
+    dockerfile, manifests = done.files
+    print(f"wrote {dockerfile} and {manifests} for {done.name} {done.version}")
+    print(f"next: docker build -t {done.image} {dockerfile.parent} && docker push {done.image}")
+    print(f"      kubectl apply -f {manifests}")
