@@ -64,16 +64,17 @@ def _add_index_dir(action: argparse.ArgumentParser) -> None:
 
 
 def _index_dir(args: argparse.Namespace) -> Path:
-    from .index import default_dir
+    from .index_files import default_dir
 
     return args.dir or default_dir()
 
 
 def _run_index_start(args: argparse.Namespace) -> None:
     from . import index
+    from .index_files import configure
 
     index_dir = _index_dir(args)
-    config = index.configure(
+    config = configure(
         index_dir, host=args.host, port=args.port, user=args.user, mirror=args.mirror,
         replica_of=args.replica_of, fast_hashing=args.insecure_fast_hashing,
     )  # fmt: skip
@@ -140,7 +141,7 @@ def _add_publish(commands: argparse._SubParsersAction) -> None:
 
 def _run_publish(args: argparse.Namespace) -> None:
     from . import publish
-    from .index import default_dir
+    from .index_files import default_dir
 
     wheels = [publish.read_model_wheel(path) for path in args.wheels]
     target = publish.resolve_target(args.index, args.user, args.password, default_dir())

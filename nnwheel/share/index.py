@@ -1,17 +1,7 @@
-"""The local package index: a real devpi-server running in the background, its state in one directory.
+"""The local package index: a real devpi-server running in the background from one directory.
 
-    DIR/
-      server/            devpi-server's own data (devpi-init --serverdir)
-      secret             devpi's signing secret (0600); a replica runs with a copy of its primary's
-      credentials.json   the generated passwords of the index user and of devpi's root (0600)
-      index.json         how the server is started: host, port, user, mirror, replica_of
-      devpi.pid          the running server's process id
-      devpi.log          everything devpi-init and devpi-server wrote
-
-Without a mirror the index has no bases and devpi runs in offline mode: it never connects anywhere.
-With a mirror the models index inherits devpi's PyPI mirror (root/pypi), so one URL serves private
-models and their public requirements; devpi hides a mirrored project whose name also exists in the
-private index, which protects installs against dependency confusion.
+Started, found again by the pid in its directory, and stopped; what the directory holds is index_files'
+job, the user and index devpi serves is devpi_api's.
 """
 
 from __future__ import annotations
@@ -28,12 +18,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import (
@@ -42,66 +29,23 @@ from ..errors import (
     MissingDependencyError,
     UsageError,
 )
+from . import devpi_api
+from .index_files import (
+    Credentials,
+    IndexConfig,
+    log_tail,
+    read_config,
+    read_credentials,
+    server_root,
+    write_json,
+    write_private,
+)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 3141
-DEFAULT_USER = "nnwheel"
-INDEX_NAME = "models"
-MIRROR = "root/pypi"
 # devpi-server's own argon2 settings cost 7-9 s and ~580 MB at every start: right for a real server.
 # These cheap ones exist only so that tests can start servers in under a second.
 FAST_HASHING_ARGS = ("--argon2-memory-cost", "8", "--argon2-time-cost", "1", "--argon2-parallelism", "1")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
-_HTTP_TIMEOUT_S = 10.0
-
-
-def default_dir() -> Path:
-    """NNWHEEL_INDEX_DIR, else the platform's user data directory (e.g. ~/.local/share/nnwheel/index)."""
-    configured = os.environ.get("NNWHEEL_INDEX_DIR")
-    if configured:
-        return Path(configured)
-    import platformdirs
-
-    return platformdirs.user_data_path("nnwheel") / "index"
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How the server is started; recorded in index.json so that a later start reuses it."""
-
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    user: str = DEFAULT_USER
-    mirror: bool = False
-    replica_of: str | None = None  # the primary's index URL, e.g. http://host:3141/nnwheel/models/
-    fast_hashing: bool = False
-
-    @property
-    def server_url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-
-    @property
-    def index_path(self) -> str:
-        return _index_path(self.replica_of) if self.replica_of else f"{self.user}/{INDEX_NAME}"
-
-    @property
-    def url(self) -> str:
-        """Where twine uploads (devpi takes uploads at the index URL itself)."""
-        return f"{self.server_url}/{self.index_path}/"
-
-    @property
-    def simple_url(self) -> str:
-        """What pip takes as --index-url."""
-        return f"{self.url}+simple/"
-
-
-@dataclass(frozen=True)
-class Credentials:
-    user: str
-    password: str
-    root_password: str
 
 
 @dataclass(frozen=True)
@@ -110,27 +54,6 @@ class RunningIndex:
     config: IndexConfig
     pid: int
 
-
-def configure(index_dir: Path, **overrides: object) -> IndexConfig:
-    """The recorded configuration of index_dir (or the defaults), with the options that were given."""
-    given = {name: value for name, value in overrides.items() if value is not None}
-    config = replace(read_config(index_dir), **given)
-    if config.replica_of:
-        _index_path(config.replica_of)  # refuse a URL without user/index before anything starts
-    return config
-
-
-def read_config(index_dir: Path) -> IndexConfig:
-    path = index_dir / "index.json"
-    if not path.exists():
-        return IndexConfig()
-    known = {field.name for field in fields(IndexConfig)}
-    return IndexConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
-
-
-def read_credentials(index_dir: Path) -> Credentials | None:
-    path = index_dir / "credentials.json"
-    return Credentials(**json.loads(path.read_text())) if path.exists() else None
 
 
 def find_running(index_dir: Path) -> RunningIndex | None:
@@ -161,13 +84,13 @@ def _start_server(index_dir: Path, config: IndexConfig, secret_file: Path | None
     index_dir.chmod(0o700)  # devpi refuses a secret in a directory others can write to
     if not (index_dir / "server").exists():
         _initialise(index_dir, config, secret_file)
-    _write_json(index_dir / "index.json", asdict(config))
+    write_json(index_dir / "index.json", asdict(config))
     process = _launch(index_dir, config)
     try:
         _wait_until_serving(process, index_dir, config)
         credentials = read_credentials(index_dir)
         if credentials is not None:
-            _set_up(index_dir, config, credentials)
+            devpi_api.set_up(index_dir, config, credentials)
     except BaseException:
         process.kill()
         process.wait()
@@ -221,20 +144,6 @@ def require_running(index_dir: Path) -> RunningIndex:
     return running
 
 
-def _index_path(index_url: str) -> str:
-    parts = [part for part in urllib.parse.urlsplit(index_url).path.split("/") if part]
-    if len(parts) < 2 or parts[-1] == "+simple":
-        raise UsageError(
-            f"{index_url} is not a devpi index URL: give the primary's index URL as "
-            "`nnwheel index url` prints it, e.g. http://host:3141/nnwheel/models/"
-        )
-    return "/".join(parts[:2])
-
-
-def _server_root(index_url: str) -> str:
-    parts = urllib.parse.urlsplit(index_url)
-    return f"{parts.scheme}://{parts.netloc}"
-
 
 def _check_role(index_dir: Path, config: IndexConfig, secret_file: Path | None) -> None:
     recorded = read_config(index_dir) if (index_dir / "server").exists() else None
@@ -279,22 +188,23 @@ def _initialise(index_dir: Path, config: IndexConfig, secret_file: Path | None) 
     command = [_devpi_command("devpi-init"), "--serverdir", str(server_dir)]
     if config.replica_of:
         assert secret_file is not None  # _check_role made sure
-        _write_private(index_dir / "secret", secret_file.read_bytes())
-        command += ["--role", "replica", "--primary-url", _server_root(config.replica_of)]
+        write_private(index_dir / "secret", secret_file.read_bytes())
+        command += ["--role", "replica", "--primary-url", server_root(config.replica_of)]
     else:
         credentials = Credentials(config.user, secrets.token_urlsafe(24), secrets.token_urlsafe(24))
-        _write_private(index_dir / "secret", base64.b64encode(secrets.token_bytes(32)))
-        _write_private(index_dir / "credentials.json", json.dumps(asdict(credentials)).encode())
+        write_private(index_dir / "secret", base64.b64encode(secrets.token_bytes(32)))
+        write_private(index_dir / "credentials.json", json.dumps(asdict(credentials)).encode())
         # A hash, not the password, so that it never shows in the process list; devpi-init would
         # otherwise leave root without a password.
         command += ["--no-root-pypi", "--root-passwd-hash", _argon2_hash(credentials.root_password)]
     with open(index_dir / "devpi.log", "ab") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        result = subprocess.run(command, check=False, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         shutil.rmtree(server_dir, ignore_errors=True)
         for name in ("secret", "credentials.json"):
             (index_dir / name).unlink(missing_ok=True)
-        raise LocalIndexError(f"devpi-init failed:\n{_log_tail(index_dir)}")
+        raise LocalIndexError(f"devpi-init failed:\n{log_tail(index_dir)}")
+
 
 
 def _argon2_hash(password: str) -> str:
@@ -312,7 +222,7 @@ def _launch(index_dir: Path, config: IndexConfig) -> subprocess.Popen:
         "--secretfile", str(index_dir / "secret"),
     ]  # fmt: skip
     if config.replica_of:
-        command += ["--role", "replica", "--primary-url", _server_root(config.replica_of)]
+        command += ["--role", "replica", "--primary-url", server_root(config.replica_of)]
     else:
         # The primary role lets replicas follow this server; they must prove they hold the secret.
         command += ["--role", "primary"]
@@ -336,76 +246,13 @@ def _wait_until_serving(process: subprocess.Popen, index_dir: Path, config: Inde
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise LocalIndexError(f"devpi-server exited while starting:\n{_log_tail(index_dir)}")
-        try:
-            _call("GET", f"{config.server_url}/+api", timeout=1.0)
+            raise LocalIndexError(f"devpi-server exited while starting:\n{log_tail(index_dir)}")
+        if devpi_api.answers(config, timeout=1.0):
             return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.1)
+        time.sleep(0.1)
     raise LocalIndexError(
-        f"devpi-server did not answer within {START_TIMEOUT_S:.0f} s:\n{_log_tail(index_dir)}"
+        f"devpi-server did not answer within {START_TIMEOUT_S:.0f} s:\n{log_tail(index_dir)}"
     )
-
-
-def _set_up(index_dir: Path, config: IndexConfig, credentials: Credentials) -> None:
-    try:
-        _ensure_user_and_index(config, credentials)
-    # OSError covers HTTPError, URLError and timeouts; ValueError an answer that is not JSON.
-    except (OSError, ValueError) as error:
-        raise LocalIndexError(
-            f"devpi-server started but setting up user {credentials.user!r} and index {config.index_path} "
-            f"failed ({error}):\n{_log_tail(index_dir)}"
-        ) from None
-
-
-def _ensure_user_and_index(config: IndexConfig, credentials: Credentials) -> None:
-    root = ("root", credentials.root_password)
-    user = (credentials.user, credentials.password)
-    server = config.server_url
-    if _get(f"{server}/{credentials.user}") is None:
-        _call("PUT", f"{server}/{credentials.user}", {"password": credentials.password}, auth=root)
-    # root's user record lists its indexes; asking root/pypi itself would make devpi fetch PyPI's list.
-    if config.mirror and "pypi" not in _call("GET", f"{server}/root").get("indexes", {}):
-        mirror = {"type": "mirror", "mirror_url": "https://pypi.org/simple/",
-                  "mirror_web_url_fmt": "https://pypi.org/project/{name}/"}  # fmt: skip
-        _call("PUT", f"{server}/{MIRROR}", mirror, auth=root)
-    bases = [MIRROR] if config.mirror else []
-    index_url = f"{server}/{config.index_path}"
-    existing = _get(index_url)
-    if existing is None:
-        # volatile=False: a released file can never be overwritten or deleted.
-        _call("PUT", index_url, {"bases": bases, "volatile": False}, auth=user)
-    elif existing.get("bases") != bases:
-        existing.pop("projects", None)
-        _call("PATCH", index_url, {**existing, "bases": bases}, auth=user)
-
-
-def _get(url: str) -> dict | None:
-    try:
-        return _call("GET", url)
-    except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return None
-        raise
-
-
-def _call(
-    method: str,
-    url: str,
-    body: dict | None = None,
-    auth: tuple[str, str] | None = None,
-    timeout: float = _HTTP_TIMEOUT_S,
-) -> dict:
-    """One request to devpi's JSON API; returns its "result"."""
-    request = urllib.request.Request(url, method=method, headers={"Accept": "application/json"})
-    if body is not None:
-        request.data = json.dumps(body).encode()
-        request.add_header("Content-Type", "application/json")
-    if auth is not None:
-        token = base64.b64encode(":".join(auth).encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response).get("result", {})
 
 
 def _terminate(index: RunningIndex) -> None:
@@ -456,23 +303,3 @@ def _devpi_command(name: str) -> str:
             f"{name} is not installed next to {sys.executable}: pip install 'nnwheel[index]'"
         )
     return found
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a file only its owner can read, created with those permissions from the start."""
-    path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-def _log_tail(index_dir: Path, lines: int = 15) -> str:
-    log = index_dir / "devpi.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return "\n".join(text.splitlines()[-lines:]) + f"\n(full log: {log})"

@@ -42,10 +42,11 @@ from ..errors import (
     UploadRejectedError,
     UploadTooLargeError,
 )
+from ..filemap import sha256_of
 from ..manifest import MANIFEST_NAME
 from ..models import ENTRY_POINT_GROUP
-from ..sources.checkpoint import sha256_of
-from . import index
+from .index import find_running
+from .index_files import read_credentials
 
 # PyPI's default per-file limit; projects can ask for more.
 PYPI_FILE_LIMIT = 100 * 1000 * 1000
@@ -95,7 +96,7 @@ def resolve_target(
     """
     user = user or os.environ.get("NNWHEEL_INDEX_USER") or os.environ.get("TWINE_USERNAME")
     password = password or os.environ.get("NNWHEEL_INDEX_PASSWORD") or os.environ.get("TWINE_PASSWORD")
-    local = index.find_running(index_dir)
+    local = find_running(index_dir)
     if index_option is None:
         if local is None:
             raise IndexNotRunningError(
@@ -107,7 +108,7 @@ def resolve_target(
         return _from_pypirc(index_option, user, password)
     url = _upload_url(index_option)
     if local is not None and url == local.config.url and user is None:
-        stored = index.read_credentials(index_dir)
+        stored = read_credentials(index_dir)
         if stored is not None:
             user, password = stored.user, stored.password
     return Target(url, _simple_url(url), user, password)
@@ -263,7 +264,7 @@ def _fetch(target: Target, url: str) -> bytes:
             return response.read()
     except urllib.error.HTTPError:
         raise
-    except (urllib.error.URLError, socket.timeout, ConnectionError) as error:
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as error:
         reason = getattr(error, "reason", error)
         raise IndexUnreachableError(
             f"cannot reach the index at {target.upload_url} ({_describe(reason)}): check the URL, "
