@@ -51,11 +51,12 @@ def _run_serve(args: argparse.Namespace) -> None:
     if args.workers < 1 or args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0:
         raise UsageError("--workers and --max-batch are at least 1, --max-wait-ms at least 0, --max-body-mb above 0")
     try:
-        from . import serve
+        from .app import ServeOptions
+        from .serve import serve
     except ImportError as error:
         raise MissingDependencyError(f"nnwheel serve needs {error.name}: pip install 'nnwheel[serve]'") from None
-    serve.serve(
-        serve.ServeOptions(
+    serve(
+        ServeOptions(
             name=args.name, host=args.host, port=args.port, workers=args.workers, batching=args.batching,
             inexact_batching=args.inexact_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),

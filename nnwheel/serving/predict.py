@@ -1,0 +1,59 @@
+"""POST /predict {"data": ...} -> {"predictions": ...}: the shape of nnwheel's original description."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .bodies import CompactJSONResponse, RequestFailed
+from .model import ServedModel
+from .running import Runner
+
+
+def predict_route(runner: Runner) -> Route:
+    model = runner.model
+
+    async def predict(request: Request) -> Response:
+        inputs = await runner.receive(request, lambda body: _inputs(model, body))
+        outputs = await runner.run(inputs)
+        return CompactJSONResponse({"predictions": _structured(model, outputs)})
+
+    return Route("/predict", predict, methods=["POST"])
+
+
+def _inputs(model: ServedModel, body: Any) -> list[np.ndarray]:
+    if not isinstance(body, dict) or "data" not in body:
+        raise RequestFailed(400, 'send a JSON object {"data": ...} with the model\'s input as nested lists')
+    values = [body["data"]] if len(model.inputs) == 1 else body["data"]
+    if not isinstance(values, list) or len(values) != len(model.inputs):
+        names = ", ".join(spec.name for spec in model.inputs)
+        raise RequestFailed(400, f'this model takes {len(model.inputs)} inputs ({names}): send "data" as a list of them')
+    return _to_arrays(model, values)
+
+
+def _to_arrays(model: ServedModel, values: list[Any]) -> list[np.ndarray]:
+    """JSON values -> arrays of the schema's dtypes, as predict() converts lists in process."""
+    arrays = []
+    for value, spec in zip(values, model.inputs):
+        try:
+            arrays.append(np.asarray(value, dtype=spec.dtype))
+        except (ValueError, TypeError, OverflowError) as error:
+            raise RequestFailed(
+                400,
+                f"input {spec.name!r} cannot become a {spec.dtype} array ({error}); "
+                "send rectangular nested lists of numbers",
+            ) from None
+    return arrays
+
+
+def _structured(model: ServedModel, outputs: list[np.ndarray]) -> Any:
+    """The outputs as JSON values in the model's own structure: one value, a list, or an object."""
+    if model.structure == "dict":
+        return {spec.name: output.tolist() for spec, output in zip(model.outputs, outputs)}
+    if model.structure == "tuple":
+        return [output.tolist() for output in outputs]
+    return outputs[0].tolist()
