@@ -190,6 +190,33 @@ def test_ports_out_of_range_are_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "index").exists()
 
 
+def test_every_bad_port_is_refused(tmp_path):
+    for port in ["0", "65536", "99999", "abc"]:
+        result = start(tmp_path / "index", "--port", port, check=False)
+        assert result.returncode == 2
+        assert f"error: argument --port: '{port}' is not a port: give a number from 1 to 65535" in result.stderr
+    assert not (tmp_path / "index").exists()
+
+
+def test_malformed_primary_urls_are_one_line_before_anything_starts(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("not used")
+    for url, reason in [
+        ("http://127.0.0.1:0/nnwheel/models/", "the port must be 1-65535"),
+        ("http://127.0.0.1:65536/nnwheel/models/", "the port must be 1-65535"),
+        ("http://127.0.0.1:99999/nnwheel/models/", "the port must be 1-65535"),
+        ("http://127.0.0.1:abc/nnwheel/models/", "the port must be 1-65535"),
+        ("http://[::1/nnwheel/models/", "the host is malformed"),
+        ("http://root:pw@127.0.0.1:3141/nnwheel/models/", "must not hold a user name or password"),
+    ]:
+        result = start(tmp_path / "replica", "--replica-of", url, "--secret-file", secret, check=False)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("error: --replica-of '") and reason in line
+        assert "root:pw" not in result.stderr
+    assert not (tmp_path / "replica").exists()
+
+
 def test_failed_setup_after_launch_is_a_clear_error_and_stops_the_server(tmp_path):
     index_dir = tmp_path / "index"
     start(index_dir, "--port", free_port())

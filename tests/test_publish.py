@@ -248,6 +248,45 @@ def test_malformed_pypirc_is_a_clear_error_that_quotes_nothing(tmp_path):
     assert "s3cret-token" not in result.stderr
 
 
+# Ports and hosts that once reached http.client: a port taken modulo 65536, or a 50-line traceback.
+BAD_URLS = [
+    ("http://127.0.0.1:0/user/models/", "the port must be 1-65535"),
+    ("http://127.0.0.1:65536/user/models/", "the port must be 1-65535"),
+    ("http://127.0.0.1:99999/user/models/", "the port must be 1-65535"),
+    ("http://127.0.0.1:abc/user/models/", "the port must be 1-65535"),
+    ("http://[::1/user/models/", "the host is malformed"),
+]
+
+
+def test_malformed_index_urls_are_one_line_before_any_connection(tmp_path):
+    wheel = tiny_model_wheel(tmp_path)
+    for url, reason in [*BAD_URLS, ("127.0.0.1:3141/user/models/", "give an http:// or https:// URL")]:
+        result = nnwheel("publish", wheel, "--index", url, check=False)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"error: --index {url!r}: {reason}")
+
+
+def test_credentials_in_an_index_url_are_refused_and_not_echoed(tmp_path):
+    url = "http://alice:s3cret-token@127.0.0.1:1/alice/models/"
+    result = nnwheel("publish", tiny_model_wheel(tmp_path), "--index", url, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --index 'http://***@127.0.0.1:1/alice/models/': a URL is printed and logged, so it must not hold "
+        "a user name or password; pass --user, and the password in NNWHEEL_INDEX_PASSWORD"
+    )
+
+
+def test_a_malformed_url_in_pypirc_names_the_file_and_section(tmp_path):
+    index = DevpiIndex("http://127.0.0.1:99999/user/models/", "user", "password")
+    home = home_with_pypirc(tmp_path, index.url, index)
+    result = nnwheel("publish", tiny_model_wheel(tmp_path), "--index", "private", env={"HOME": str(home)}, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {home / '.pypirc'} [private] repository {index.url!r}: the port must be 1-65535"
+    ]
+
+
 def test_only_wheels_made_by_nnwheel_are_published(devpi, tmp_path):
     index = devpi.create_index()
     plain = tiny_model_wheel(tmp_path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..errors import UsageError
+from ..urls import parse_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3141
@@ -76,10 +77,17 @@ class Credentials:
 def configure(index_dir: Path, **overrides: object) -> IndexConfig:
     """The recorded configuration of index_dir (or the defaults), with the options that were given."""
     given = {name: value for name, value in overrides.items() if value is not None}
-    config = replace(read_config(index_dir), **given)
-    if config.replica_of:
-        index_path(config.replica_of)  # refuse a URL without user/index before anything starts
-    return config
+    return _with_parsed_urls(replace(read_config(index_dir), **given), "--host", "--replica-of")
+
+
+def _with_parsed_urls(config: IndexConfig, host: str, replica_of: str) -> IndexConfig:
+    """config with its URLs parsed before anything connects; a UsageError names `host` or `replica_of`."""
+    parse_url(config.server_url, host)
+    if not config.replica_of:
+        return config
+    primary = parse_url(config.replica_of, replica_of, "a replica proves itself with --secret-file")
+    index_path(primary)  # refuse a URL without user/index before anything starts
+    return replace(config, replica_of=primary)
 
 
 def read_config(index_dir: Path) -> IndexConfig:

@@ -45,6 +45,7 @@ from ..errors import (
 from ..filemap import sha256_of
 from ..manifest import MANIFEST_NAME
 from ..models import ENTRY_POINT_GROUP
+from ..urls import parse_url
 from .index import find_running
 from .index_files import read_credentials
 
@@ -53,6 +54,8 @@ PYPI_FILE_LIMIT = 100 * 1000 * 1000
 # How long the index may take to answer the pre-upload question before we call it unreachable.
 CHECK_TIMEOUT_S = 5.0
 _PYPI_UPLOADS = {"upload.pypi.org": "https://pypi.org/simple/", "test.pypi.org": "https://test.pypi.org/simple/"}
+# What --index takes for a ~/.pypirc section rather than a URL: no "/" or ":" (http://..., host:port).
+_REPOSITORY_NAME = re.compile(r"[^/:]+")
 _NNWHEEL_JSON = re.compile(rf"[^/]+/{re.escape(MANIFEST_NAME)}")
 
 
@@ -96,6 +99,8 @@ def resolve_target(
     """
     user = user or os.environ.get("NNWHEEL_INDEX_USER") or os.environ.get("TWINE_USERNAME")
     password = password or os.environ.get("NNWHEEL_INDEX_PASSWORD") or os.environ.get("TWINE_PASSWORD")
+    if index_option is not None and _REPOSITORY_NAME.fullmatch(index_option):
+        return _from_pypirc(index_option, user, password)
     local = find_running(index_dir)
     if index_option is None:
         if local is None:
@@ -104,9 +109,7 @@ def resolve_target(
                 "start one with `nnwheel index start`, or pass --index URL or a ~/.pypirc name"
             )
         index_option = local.config.url
-    if "://" not in index_option:
-        return _from_pypirc(index_option, user, password)
-    url = _upload_url(index_option)
+    url = _upload_url(parse_url(index_option, "--index", "pass --user, and the password in NNWHEEL_INDEX_PASSWORD"))
     if local is not None and url == local.config.url and user is None:
         stored = read_credentials(index_dir)
         if stored is not None:
@@ -133,7 +136,9 @@ def _from_pypirc(name: str, user: str | None, password: str | None) -> Target:
             f"--index {name}: no repository of that name in {pypirc} (known: {known}); "
             f"pass the index URL instead, or add a [{name}] section with repository = URL"
         ) from None
-    url = _upload_url(str(config["repository"]))
+    url = _upload_url(
+        parse_url(str(config["repository"]), f"{pypirc} [{name}] repository", "give them as username and password there")
+    )
     return Target(
         url,
         _simple_url(url),
