@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -165,6 +166,18 @@ def test_open_inference_protocol_endpoints(env, digits_server, digits_sample):
 
 
 ROW = [0.5] * 64
+NAN, INF = float("nan"), float("inf")  # json.dumps writes them as the tokens NaN and Infinity
+V2_URL = "/v2/models/digits-mlp/infer"
+
+
+def with_value(row: list, index: int, value) -> list:
+    return [*row[:index], value, *row[index + 1 :]]
+
+
+def v2_body(data: list, shape: list) -> dict:
+    return {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": data}]}
+
+
 BAD_REQUESTS = [
     ("invalid JSON", "POST", "/predict", b'{"data": [1,', 400, "not valid JSON"),
     ("no data", "POST", "/predict", {"inputs": ROW}, 400, '{"data": ...}'),
@@ -199,6 +212,18 @@ BAD_REQUESTS = [
     ("unknown endpoint", "GET", "/v1/models", None, 404, "no such endpoint: /v1/models"),
     ("wrong method", "GET", "/predict", None, 405, "Method Not Allowed"),
     ("body over the limit", "POST", "/predict", {"data": [ROW] * 2000}, 413, "larger than the server's limit of 104857 bytes"),
+    ("null", "POST", "/predict", {"data": [ROW, with_value(ROW, 3, None)]}, 400, "input 'input' has null at data[1][3]"),
+    ("NaN", "POST", "/predict", {"data": with_value(ROW, 5, NAN)}, 400, "has NaN at data[5]"),
+    ("Infinity", "POST", "/predict", {"data": [with_value(ROW, 63, INF)]}, 400, "has Infinity at data[0][63]"),
+    ("-Infinity", "POST", "/predict", {"data": [with_value(ROW, 0, -INF)]}, 400, "has -Infinity at data[0][0]"),
+    ("beyond float32", "POST", "/predict", {"data": [with_value(ROW, 2, 1e39)]}, 400,
+     "has 1e+39 at data[0][2], which a float32 cannot hold"),
+    ("the first bad value", "POST", "/predict", {"data": [with_value(with_value(ROW, 9, NAN), 4, None)]}, 400, "null at data[0][4]"),
+    ("V2 null in flat data", "POST", V2_URL, v2_body(with_value(ROW, 10, None), [1, 64]), 400, "has null at inputs[0].data[10]"),
+    ("V2 NaN in nested data", "POST", V2_URL, v2_body([ROW, with_value(ROW, 2, NAN)], [2, 64]), 400,
+     "has NaN at inputs[0].data[1][2]"),
+    ("V2 Infinity", "POST", V2_URL, v2_body(with_value(ROW, 7, -INF), [1, 64]), 400, "has -Infinity at inputs[0].data[7]"),
+    ("V2 id not a string", "POST", V2_URL, {**v2_body(ROW, [1, 64]), "id": NAN}, 400, '"id" is a string'),
 ]  # fmt: skip
 
 
@@ -212,6 +237,30 @@ def test_bad_requests_get_a_4xx_with_an_error_and_the_server_keeps_serving(digit
     assert message in reply.json()["error"]
     assert "Traceback" not in reply.text
     assert httpx.post(f"{digits_server.url}/predict", json={"data": ROW}).status_code == 200
+
+
+def strict_json(text: str):
+    """json.loads as browsers, Go and Java parse: NaN and Infinity are no JSON."""
+
+    def refuse(token: str):
+        raise AssertionError(f"{token} in a response: strict JSON parsers refuse it")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_and_infinite_outputs_are_answered_as_null_in_strict_json(env, tmp_path):
+    rows = [[3e38] * 64, with_value([0.0] * 64, 0, 3e38), ROW]  # products past float32: inf - inf is NaN
+    expected = predict_in_process(env, "rowwise_model", rows)
+    assert any(math.isnan(v) for v in expected[0]) and any(math.isinf(v) for v in expected[1])
+    expected = [[v if math.isfinite(v) else None for v in row] for row in expected]
+    with serving(serve_command(env, "rowwise-model"), tmp_path) as server:
+        predict = httpx.post(f"{server.url}/predict", json={"data": rows})
+        request = {"inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32", "data": rows}]}
+        infer = httpx.post(f"{server.url}/v2/models/rowwise-model/infer", json=request)
+    assert predict.status_code == infer.status_code == 200
+    assert strict_json(predict.text)["predictions"] == expected
+    [output] = strict_json(infer.text)["outputs"]
+    assert output["shape"] == [3, 10] and output["data"] == [value for row in expected for value in row]
 
 
 def test_streamed_body_over_the_limit_is_refused_without_content_length(digits_server):

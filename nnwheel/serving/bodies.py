@@ -1,15 +1,22 @@
-"""JSON in and out of the server: request bodies read within a size limit, and the responses written.
+"""JSON in and out of the server: request bodies read within a size limit, arrays decoded from them, responses.
 
 Every failure a client causes is raised as RequestFailed and answered with its status and {"error": "..."}.
+Numbers are strict both ways: JSON has no NaN or infinities, so a request that sends null, NaN or Infinity
+(tokens Python's json reads, strict parsers do not) for a number is refused with where it was, and a model's
+NaN or infinity is answered as null, which every JSON parser reads.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
+import numpy as np
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+
+from ..schema import TensorSpec
 
 
 class RequestFailed(Exception):
@@ -22,9 +29,8 @@ class RequestFailed(Exception):
 
 class CompactJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        # NaN and infinities from a model are written as Python's json writes them (NaN, Infinity):
-        # strict JSON cannot express them, and refusing to answer would be worse.
-        return json.dumps(content, separators=(",", ":"), allow_nan=True).encode("utf-8")
+        # Arrays reach here through json_from_array, so a NaN is a bug of the server: a 500, never a NaN token.
+        return json.dumps(content, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -50,3 +56,69 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as error:
         raise RequestFailed(400, f'the body is not valid JSON ({error}); send e.g. {{"data": [[0.5, 1.0]]}}') from None
+
+
+def array_from_json(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
+    """value, nested lists of numbers found at `where` in the body, as an array of spec's dtype.
+
+    null, NaN, an infinity, or a number beyond the dtype's range is refused with its position. For floats
+    the check is one pass of isfinite over the array; only a refused request is searched value by value.
+    """
+    try:
+        with np.errstate(over="ignore"):  # 1e39 as float32 is inf, refused below without a warning in the log
+            array = np.asarray(value, dtype=spec.dtype)
+    except (ValueError, TypeError, OverflowError) as error:
+        _refuse_non_numbers(value, spec, where)  # the likely reason, for integers: say where it is
+        raise RequestFailed(
+            400, f"input {spec.name!r} cannot become a {spec.dtype} array ({error}); send rectangular nested lists of numbers"
+        ) from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise _not_a_number(spec, _value_at(value, index), where + _position(index))
+    if array.dtype.kind == "b":
+        _refuse_non_numbers(value, spec, where)  # numpy reads null as false and NaN as true
+    return array
+
+
+def json_from_array(array: np.ndarray) -> Any:
+    """The array as JSON values: nested lists of numbers, with null for each NaN or infinity."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return np.where(np.isfinite(array), array.astype(object), None).tolist()
+    return array.tolist()
+
+
+def _refuse_non_numbers(value: Any, spec: TensorSpec, where: str) -> None:
+    found = _first_non_number(value)
+    if found is not None:
+        index, bad = found
+        raise _not_a_number(spec, bad, where + _position(index))
+
+
+def _first_non_number(value: Any) -> tuple[tuple[int, ...], float | None] | None:
+    """The index and value of the first null, NaN or infinity in nested lists, in reading order."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_non_number(item)
+            if found is not None:
+                return (i, *found[0]), found[1]
+        return None
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return (), value
+    return None
+
+
+def _not_a_number(spec: TensorSpec, bad: Any, place: str) -> RequestFailed:
+    if bad is None or (isinstance(bad, float) and not math.isfinite(bad)):
+        shown = "null" if bad is None else "NaN" if math.isnan(bad) else "Infinity" if bad > 0 else "-Infinity"
+        return RequestFailed(400, f"input {spec.name!r} has {shown} at {place}; send finite numbers (JSON has no NaN)")
+    return RequestFailed(400, f"input {spec.name!r} has {bad!r} at {place}, which a {spec.dtype} cannot hold; send finite numbers in its range")
+
+
+def _value_at(value: Any, index: tuple[int, ...]) -> Any:
+    for i in index:
+        value = value[i]
+    return value
+
+
+def _position(index: tuple[int, ...]) -> str:
+    return "".join(f"[{i}]" for i in index)

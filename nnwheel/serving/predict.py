@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .bodies import CompactJSONResponse, RequestFailed
+from .bodies import CompactJSONResponse, RequestFailed, array_from_json, json_from_array
 from .model import ServedModel
 from .running import Runner
 
@@ -32,28 +32,14 @@ def _inputs(model: ServedModel, body: Any) -> list[np.ndarray]:
     if not isinstance(values, list) or len(values) != len(model.inputs):
         names = ", ".join(spec.name for spec in model.inputs)
         raise RequestFailed(400, f'this model takes {len(model.inputs)} inputs ({names}): send "data" as a list of them')
-    return _to_arrays(model, values)
-
-
-def _to_arrays(model: ServedModel, values: list[Any]) -> list[np.ndarray]:
-    """JSON values -> arrays of the schema's dtypes, as predict() converts lists in process."""
-    arrays = []
-    for value, spec in zip(values, model.inputs):
-        try:
-            arrays.append(np.asarray(value, dtype=spec.dtype))
-        except (ValueError, TypeError, OverflowError) as error:
-            raise RequestFailed(
-                400,
-                f"input {spec.name!r} cannot become a {spec.dtype} array ({error}); "
-                "send rectangular nested lists of numbers",
-            ) from None
-    return arrays
+    places = ["data"] if len(model.inputs) == 1 else [f"data[{i}]" for i in range(len(values))]
+    return [array_from_json(value, spec, place) for value, spec, place in zip(values, model.inputs, places)]
 
 
 def _structured(model: ServedModel, outputs: list[np.ndarray]) -> Any:
     """The outputs as JSON values in the model's own structure: one value, a list, or an object."""
     if model.structure == "dict":
-        return {spec.name: output.tolist() for spec, output in zip(model.outputs, outputs)}
+        return {spec.name: json_from_array(output) for spec, output in zip(model.outputs, outputs)}
     if model.structure == "tuple":
-        return [output.tolist() for output in outputs]
-    return outputs[0].tolist()
+        return [json_from_array(output) for output in outputs]
+    return json_from_array(outputs[0])

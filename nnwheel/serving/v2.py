@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..schema import TensorSpec
-from .bodies import CompactJSONResponse, RequestFailed
+from .bodies import CompactJSONResponse, RequestFailed, array_from_json, json_from_array
 from .model import ServedModel
 from .running import Runner
 
@@ -74,22 +74,20 @@ class OpenInference:
 
     async def infer(self, request: Request) -> Response:
         model = self._model(request)
-        body, inputs, wanted = await self.runner.receive(
-            request, lambda body: (body, _inputs(model, body), _wanted(model, body))
-        )
-        outputs = await self.runner.run(inputs)
+        inference = await self.runner.receive(request, lambda body: _inference(model, body))
+        outputs = await self.runner.run(inference.inputs)
         reply: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
-        if "id" in body:
-            reply["id"] = body["id"]
+        if inference.id is not None:
+            reply["id"] = inference.id
         reply["outputs"] = [
             {
                 "name": spec.name,
                 "datatype": _V2_NAMES.get(output.dtype.name, output.dtype.name.upper()),
                 "shape": list(output.shape),
-                "data": output.ravel().tolist(),
+                "data": json_from_array(output.ravel()),
             }
             for spec, output in zip(model.outputs, outputs)
-            if wanted is None or spec.name in wanted
+            if inference.wanted is None or spec.name in inference.wanted
         ]
         return CompactJSONResponse(reply)
 
@@ -104,6 +102,21 @@ class OpenInference:
         return model
 
 
+@dataclass(frozen=True)
+class _Inference:
+    id: str | None  # echoed in the reply
+    inputs: list[np.ndarray]
+    wanted: set[str] | None  # the names of the outputs asked for; None for all of them
+
+
+def _inference(model: ServedModel, body: Any) -> _Inference:
+    inputs = _inputs(model, body)
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestFailed(400, '"id" is a string the reply carries back, e.g. "req-7"')
+    return _Inference(request_id, inputs, _wanted(model, body))
+
+
 def _describe(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": _V2_NAMES.get(spec.dtype, spec.dtype.upper()), "shape": list(spec.shape)}
 
@@ -114,17 +127,14 @@ def _inputs(model: ServedModel, body: Any) -> list[np.ndarray]:
         raise RequestFailed(400, 'send {"inputs": [{"name": ..., "shape": [...], "datatype": ..., "data": [...]}]}')
     if not all(isinstance(tensor.get("name"), str) for tensor in tensors):
         raise RequestFailed(400, 'every tensor in "inputs" needs a "name" that is a string, e.g. "input"')
-    given = {tensor.get("name"): tensor for tensor in tensors}
+    given = {tensor["name"]: i for i, tensor in enumerate(tensors)}
     expected = [spec.name for spec in model.inputs]
-    if len(given) != len(tensors) or sorted(given, key=str) != sorted(expected):
-        raise RequestFailed(
-            400, f"the model's inputs are {', '.join(expected)}; got {', '.join(map(str, (t.get('name') for t in tensors)))}"
-        )
-    return [_array(given[spec.name], spec) for spec in model.inputs]
+    if len(given) != len(tensors) or sorted(given) != sorted(expected):
+        raise RequestFailed(400, f"the model's inputs are {', '.join(expected)}; got {', '.join(t['name'] for t in tensors)}")
+    return [_array(tensors[given[spec.name]], spec, f"inputs[{given[spec.name]}].data") for spec in model.inputs]
 
 
 def _wanted(model: ServedModel, body: dict[str, Any]) -> set[str] | None:
-    """The names of the outputs the request asks for; None for all of them."""
     if "outputs" not in body:
         return None
     requested = body["outputs"]
@@ -136,7 +146,7 @@ def _wanted(model: ServedModel, body: dict[str, Any]) -> set[str] | None:
     return {output["name"] for output in requested}
 
 
-def _array(tensor: dict[str, Any], spec: TensorSpec) -> np.ndarray:
+def _array(tensor: dict[str, Any], spec: TensorSpec, where: str) -> np.ndarray:
     datatype = tensor.get("datatype")
     expected = _V2_NAMES.get(spec.dtype, spec.dtype)
     if not isinstance(datatype, str):
@@ -150,10 +160,7 @@ def _array(tensor: dict[str, Any], spec: TensorSpec) -> np.ndarray:
     data = tensor.get("data")
     if not isinstance(data, list):
         raise RequestFailed(400, f'input {spec.name!r} needs "data": a list of its values, flat or nested')
-    try:
-        array = np.asarray(data, dtype=spec.dtype)
-    except (ValueError, TypeError, OverflowError) as error:
-        raise RequestFailed(400, f"input {spec.name!r}: data cannot become a {spec.dtype} array ({error})") from None
+    array = array_from_json(data, spec, where)
     if array.size != math.prod(shape):
         raise RequestFailed(400, f"input {spec.name!r} has {array.size} values, but shape {shape} needs {math.prod(shape)}")
     return array.reshape(shape)
