@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,103 @@ def test_malformed_primary_urls_are_one_line_before_anything_starts(tmp_path):
         assert line.startswith("error: --replica-of '") and reason in line
         assert "root:pw" not in result.stderr
     assert not (tmp_path / "replica").exists()
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single `error:` line of a command that failed without a traceback."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+ELSEWHERE = "or give the index another directory with --dir (or NNWHEEL_INDEX_DIR)"
+
+
+def test_an_index_directory_that_is_a_file_is_one_error_line(tmp_path):
+    file = tmp_path / "index"
+    file.write_text("not a directory")
+    wheel = tiny_model_wheel(tmp_path)
+    for command in [
+        ("index", "start", "--dir", file), ("index", "start", "--dir", file / "below"), ("index", "status", "--dir", file),
+        ("index", "url", "--dir", file), ("index", "stop", "--dir", file), ("publish", wheel),
+    ]:  # fmt: skip
+        result = nnwheel(*command, env={"NNWHEEL_INDEX_DIR": str(file)}, check=False)
+        assert result.returncode == 1, command
+        assert one_error_line(result) == f"error: {file} is a file, not a directory: move it away, {ELSEWHERE}"
+    assert file.read_text() == "not a directory"
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path) -> Iterator[None]:
+    """directory made unwritable: by its mode, or for root (whom modes don't stop) by the immutable flag."""
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        undo = ["chmod", "700", directory]
+    elif subprocess.run(["chattr", "+i", directory], capture_output=True, check=False).returncode == 0:
+        undo = ["chattr", "-i", directory]
+    else:
+        pytest.skip("running as root where chattr +i is not allowed: no way to make a directory unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_an_index_directory_that_cannot_be_written_is_one_error_line(tmp_path):
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    with unwritable(index_dir):
+        result = start(index_dir, "--port", free_port(), check=False)
+        status = index_cli("status", index_dir, check=False)
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert line.startswith(f"error: cannot read or write {index_dir}") and "fix its permissions or move it away" in line
+    assert status.stdout.startswith("not running")  # reading a directory needs no writing
+    assert list(index_dir.iterdir()) == []
+
+
+def test_a_corrupt_index_json_is_one_error_line_and_starts_nothing(tmp_path):
+    index_dir = tmp_path / "index"
+    start(index_dir, "--port", free_port())
+    index_cli("stop", index_dir)
+    config = index_dir / "index.json"
+    cases = [
+        *[(f'{{"port": {port}}}', f"host and port 'http://127.0.0.1:{port}': the port must be 1-65535")
+          for port in (0, 65536, 99999)],
+        ('{"port": "abc"}', "'port' has the wrong type"),
+        ('{"replica_of": "http://[::1/nnwheel/models/"}', "replica_of 'http://[::1/nnwheel/models/': the host is malformed"),
+        ('{"port": 3141,', "not JSON"),
+        ("[]", "not a JSON object"),
+    ]  # fmt: skip
+    for content, detail in cases:
+        config.write_text(content)
+        result = start(index_dir, check=False)
+        assert result.returncode == 1, content
+        assert one_error_line(result).startswith(f"error: {config} is corrupt ({detail}")
+        assert "fix or delete it" in result.stderr
+        assert not (index_dir / "devpi.pid").exists()
+    config.unlink()
+    config.mkdir()
+    result = start(index_dir, check=False)
+    assert one_error_line(result).startswith(f"error: cannot read or write {config} (Is a directory)")
+
+
+def test_damaged_files_of_a_running_index_are_one_error_line(local_index, tmp_path):
+    wheel = tiny_model_wheel(tmp_path)
+    for name, damage, command, detail in [
+        ("index.json", '{"port": "abc"}', ("index", "status", "--dir", local_index), "'port' has the wrong type"),
+        ("credentials.json", '{"user": "nnwheel"}', ("publish", wheel), "'password' is missing"),
+        ("credentials.json", "password=s3cret", ("publish", wheel), "not JSON"),
+    ]:
+        recorded = (local_index / name).read_text()
+        (local_index / name).write_text(damage)
+        try:
+            result = nnwheel(*command, env={"NNWHEEL_INDEX_DIR": str(local_index)}, check=False)
+        finally:
+            (local_index / name).write_text(recorded)
+        assert result.returncode == 1
+        assert one_error_line(result).startswith(f"error: {local_index / name} is corrupt ({detail}): ")
+        assert "s3cret" not in result.stderr
 
 
 def test_failed_setup_after_launch_is_a_clear_error_and_stops_the_server(tmp_path):

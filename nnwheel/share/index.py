@@ -33,10 +33,13 @@ from . import devpi_api
 from .index_files import (
     Credentials,
     IndexConfig,
+    check_dir,
     log_tail,
     read_config,
     read_credentials,
+    read_pid,
     server_root,
+    unusable,
     write_json,
     write_private,
 )
@@ -58,12 +61,10 @@ class RunningIndex:
 
 def find_running(index_dir: Path) -> RunningIndex | None:
     """The server started from index_dir, if its process is still alive."""
+    check_dir(index_dir)
     index_dir = index_dir.resolve()
-    try:
-        pid = int((index_dir / "devpi.pid").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    if not _is_our_server(pid, index_dir):
+    pid = read_pid(index_dir)
+    if pid is None or not _is_our_server(pid, index_dir):
         return None
     return RunningIndex(index_dir, read_config(index_dir), pid)
 
@@ -103,7 +104,8 @@ def _start_server(index_dir: Path, config: IndexConfig, secret_file: Path | None
 
 def stop(index_dir: Path) -> RunningIndex | None:
     """Shut the server down cleanly (SIGTERM, then wait); None when it was not running."""
-    if not index_dir.is_dir():
+    check_dir(index_dir)
+    if not index_dir.exists():
         return None
     with _exclusive(index_dir.resolve()):
         running = find_running(index_dir)
@@ -118,20 +120,23 @@ def _exclusive(index_dir: Path) -> Iterator[None]:
     (the second one's pidfile winning); with the lock, the second waits and finds the first's server.
 
     A directory this call created is removed again when what runs under the lock fails before writing
-    anything into it (a port in use, say).
+    anything into it (a port in use, say). A file that cannot be written, there or later, is one error.
     """
+    check_dir(index_dir)
     created = not index_dir.exists()
-    index_dir.mkdir(parents=True, exist_ok=True)
     lock_file = index_dir / "index.lock"
     try:
+        index_dir.mkdir(parents=True, exist_ok=True)
         with lock_file.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
-    except BaseException:
+    except BaseException as error:
         if created:
             lock_file.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 index_dir.rmdir()  # only if empty
+        if isinstance(error, OSError):
+            raise unusable(index_dir, error) from None
         raise
 
 

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 import urllib.parse
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import LocalIndexError, UsageError
 from ..urls import parse_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3141
 DEFAULT_USER = "nnwheel"
 INDEX_NAME = "models"
+_ELSEWHERE = "or give the index another directory with --dir (or NNWHEEL_INDEX_DIR)"
+_CONFIG_ADVICE = f"fix or delete it (a start then takes the defaults and the options given), {_ELSEWHERE}"
+_CREDENTIALS_ADVICE = "restore it from a backup, or start a new index in another directory with --dir"
 
 
 def default_dir() -> Path:
@@ -76,6 +80,7 @@ class Credentials:
 
 def configure(index_dir: Path, **overrides: object) -> IndexConfig:
     """The recorded configuration of index_dir (or the defaults), with the options that were given."""
+    check_dir(index_dir)
     given = {name: value for name, value in overrides.items() if value is not None}
     return _with_parsed_urls(replace(read_config(index_dir), **given), "--host", "--replica-of")
 
@@ -90,17 +95,75 @@ def _with_parsed_urls(config: IndexConfig, host: str, replica_of: str) -> IndexC
     return replace(config, replica_of=primary)
 
 
+def check_dir(index_dir: Path) -> None:
+    """Refuse an index directory that is a file, or lies under one, before anything reads or writes it."""
+    try:
+        existing = next(path for path in (index_dir, *index_dir.parents) if path.exists())
+    except OSError as error:
+        raise unusable(index_dir, error) from None
+    if not existing.is_dir():
+        raise LocalIndexError(f"{existing} is a file, not a directory: move it away, {_ELSEWHERE}")
+
+
+def unusable(index_dir: Path, error: OSError) -> LocalIndexError:
+    """One line for a file of index_dir that cannot be read or written (a directory where a file belongs)."""
+    return LocalIndexError(
+        f"cannot read or write {error.filename or index_dir} ({error.strerror}): fix its permissions or move it "
+        f"away, {_ELSEWHERE}"
+    )
+
+
 def read_config(index_dir: Path) -> IndexConfig:
     path = index_dir / "index.json"
-    if not path.exists():
-        return IndexConfig()
-    known = {field.name for field in fields(IndexConfig)}
-    return IndexConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+    config = _load(IndexConfig, path, _CONFIG_ADVICE) or IndexConfig()
+    try:
+        return _with_parsed_urls(config, "host and port", "replica_of")
+    except UsageError as error:
+        raise _corrupt(path, str(error), _CONFIG_ADVICE) from None
 
 
 def read_credentials(index_dir: Path) -> Credentials | None:
-    path = index_dir / "credentials.json"
-    return Credentials(**json.loads(path.read_text())) if path.exists() else None
+    return _load(Credentials, index_dir / "credentials.json", _CREDENTIALS_ADVICE)
+
+
+def read_pid(index_dir: Path) -> int | None:
+    """The running server's recorded pid; None without one (a pidfile cut short counts as none)."""
+    try:
+        return int((index_dir / "devpi.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError as error:
+        raise unusable(index_dir, error) from None
+
+
+_Recorded = typing.TypeVar("_Recorded", IndexConfig, Credentials)
+
+
+def _load(cls: type[_Recorded], path: Path, advice: str) -> _Recorded | None:
+    """The dataclass recorded as a JSON object in path; None when there is no such file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not UTF-8 or not JSON; not quoted, since the file may hold passwords
+        raise _corrupt(path, "not JSON", advice) from None
+    except OSError as error:
+        raise unusable(path.parent, error) from None
+    if not isinstance(data, dict):
+        raise _corrupt(path, "not a JSON object", advice)
+    types = typing.get_type_hints(cls)
+    values = {name: data[name] for name in types if name in data}  # keys of other versions are left
+    for name, value in values.items():
+        if not isinstance(value, types[name]):
+            raise _corrupt(path, f"{name!r} has the wrong type", advice)
+    for field in fields(cls):
+        if field.name not in values and field.default is MISSING:
+            raise _corrupt(path, f"{field.name!r} is missing", advice)
+    return cls(**values)
+
+
+def _corrupt(path: Path, detail: str, advice: str) -> LocalIndexError:
+    return LocalIndexError(f"{path} is corrupt ({detail}): {advice}")
 
 
 def index_path(index_url: str) -> str:
