@@ -1,9 +1,11 @@
-"""nnwheel deploy: the manifests validate against Kubernetes' schemas, the Dockerfile passes hadolint, and the
-Dockerfile's own pip command, run against a real devpi index, gives a working `nnwheel serve`."""
+"""nnwheel deploy: the manifests validate against Kubernetes' schemas, the Dockerfile passes hadolint, the
+Dockerfile's own pip command, run against a real devpi index, gives a working `nnwheel serve`, and hostile
+option values are refused or read back exactly as given."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -16,7 +18,10 @@ import pytest
 import yaml
 from conftest import ROOT, make_venv, nnwheel, serving
 
+from nnwheel import __version__
+
 BIN = Path(sys.executable).parent
+INDEX = "https://devpi.example.com/team/models/+simple/"
 
 
 def deploy(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -66,23 +71,40 @@ def test_invalid_manifests_would_be_caught():
         kubernetes_validate.validate(broken, kubernetes_validate.utils.latest_version(), strict=True)
 
 
-def test_dockerfile_passes_hadolint(deployed, tmp_path):
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(keyword, arguments) of each instruction, as Docker reads them: comments out, continued lines joined."""
+    lines = [line for line in dockerfile.read_text().splitlines() if not line.startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(line.split(" ", 1)[0], line.split(" ", 1)[1]) for line in joined.splitlines() if line.strip()]
+
+
+def exec_forms(dockerfile: Path, keyword: str) -> list[list[str]]:
+    """The JSON exec form arguments of every `keyword` instruction (HEALTHCHECK's after its CMD)."""
+    return [json.loads(arguments.split(" CMD ")[-1]) for found, arguments in instructions(dockerfile) if found == keyword]
+
+
+def test_dockerfile_passes_hadolint_and_runs_no_shell(deployed, tmp_path):
     dockerfile = (deployed / "Dockerfile").read_text()
     lint = subprocess.run([BIN / "hadolint", deployed / "Dockerfile"], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert f"FROM python:{sys.version_info.major}.{sys.version_info.minor}-slim" in dockerfile
-    assert "USER 10001" in dockerfile and "HEALTHCHECK" in dockerfile
-    assert 'CMD ["nnwheel", "serve", "digits-mlp", "--host", "0.0.0.0", "--port", "8080"]' in dockerfile
+    assert ("USER", "10001") in instructions(deployed / "Dockerfile")
+    assert exec_forms(deployed / "Dockerfile", "RUN") == [
+        ["useradd", "--no-log-init", "--create-home", "--uid", "10001", "model"],
+        ["pip", "install", "--no-cache-dir", "--index-url", INDEX, "digits-mlp==0.1.0", f"nnwheel[serve]=={__version__}"],
+    ]
+    [healthcheck] = exec_forms(deployed / "Dockerfile", "HEALTHCHECK")
+    assert healthcheck[:2] == ["python", "-c"] and "http://127.0.0.1:8080/v2/health/ready" in healthcheck[2]
+    assert exec_forms(deployed / "Dockerfile", "CMD") == [["nnwheel", "serve", "digits-mlp", "--host", "0.0.0.0", "--port", "8080"]]
 
-    unpinned = tmp_path / "Dockerfile"  # hadolint really reads what we write: an unpinned pip install fails
-    unpinned.write_text(dockerfile.replace('"digits-mlp==0.1.0"', "digits-mlp"))
-    assert subprocess.run([BIN / "hadolint", unpinned], capture_output=True).returncode != 0
+    shell_form = tmp_path / "Dockerfile"  # hadolint really reads what we write: a CMD run by a shell fails
+    shell_form.write_text(dockerfile.replace('CMD ["nnwheel", "serve", "digits-mlp",', 'CMD nnwheel serve digits-mlp ["'))
+    assert subprocess.run([BIN / "hadolint", shell_form], capture_output=True).returncode != 0
 
 
 def install_command(dockerfile: Path) -> list[str]:
-    """The Dockerfile's `RUN pip install ...`, up to the next command, as arguments."""
-    run = next(line for line in dockerfile.read_text().splitlines() if line.startswith("RUN pip install"))
-    return shlex.split(run.removeprefix("RUN ").split(" \\")[0])
+    """The Dockerfile's `RUN ["pip", "install", ...]` as arguments."""
+    return next(arguments for arguments in exec_forms(dockerfile, "RUN") if arguments[0] == "pip")
 
 
 def venv_without_nnwheel(path: Path):
@@ -140,5 +162,54 @@ def test_unknown_project_and_unreachable_index_are_clear_errors(devpi, tmp_path)
     assert closed.returncode == 1 and "cannot read http://127.0.0.1:9/simple/digits-mlp/" in closed.stderr
 
     not_http = deploy(tmp_path, "--index", "devpi.example.com/simple", check=False)
-    assert not_http.returncode == 2 and "give the http(s) URL pip installs from" in not_http.stderr
+    assert not_http.returncode == 2 and "give an http:// or https:// URL" in not_http.stderr
     assert not (tmp_path / "Dockerfile").exists() and not (tmp_path / "kubernetes.yaml").exists()
+
+
+# Each kind of hostile text in each option: refused in one line with nothing written, or read back exactly.
+HOSTILE = {"newline": "\n", "quote": '"', "command": "$(id)`id`", "space": " ", "unicode": "é"}
+WRITTEN = {("--index", "quote"), ("--index", "command"), ("--index", "unicode")} | {("--out", kind) for kind in HOSTILE}
+
+
+def hostile_deploy(tmp_path: Path, option: str, text: str) -> tuple[subprocess.CompletedProcess, Path, dict[str, str]]:
+    values = {
+        "NAME": f"digits{text}mlp", "--index": f"https://devpi.example.com/team{text}/+simple/",
+        "--version": f"0.1.0{text}", "--image": f"registry.example.com/digits-mlp:0.1{text}",
+    }  # fmt: skip
+    given = {"NAME": "digits-mlp", "--index": INDEX, "--version": "0.1.0", "--image": "digits-mlp:0.1.0"}
+    given.update({option: values[option]} if option in values else {})
+    out = tmp_path / (f"out{text}dir" if option == "--out" else "out")
+    options = [item for key in ("--index", "--version", "--image") for item in (key, given[key])]
+    result = nnwheel("deploy", given["NAME"], *options, "--out", out, check=False)
+    return result, out, given
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+@pytest.mark.parametrize("option", ["NAME", "--index", "--version", "--image", "--out"])
+def test_hostile_values_are_refused_in_one_line_or_read_back_exactly(tmp_path, option, kind):
+    result, out, given = hostile_deploy(tmp_path, option, HOSTILE[kind])
+    if (option, kind) not in WRITTEN:
+        assert result.returncode == 2, result.stdout
+        [line] = result.stderr.splitlines()
+        assert line.startswith("error: ") and repr(given[option]) in line
+        assert option in line or "is not a valid package name" in line
+        assert not out.exists()
+        return
+    assert result.returncode == 0, result.stderr
+    assert install_command(out / "Dockerfile")[4] == given["--index"]
+    lint = subprocess.run([BIN / "hadolint", out / "Dockerfile"], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    deployment = next(yaml.safe_load_all((out / "kubernetes.yaml").read_text()))
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "digits-mlp:0.1.0"
+    # The printed commands, pasted into a shell, name exactly the files written.
+    command = shlex.split(result.stdout.split("next: ", 1)[1])
+    assert command[3:5] == ["digits-mlp:0.1.0", str(out)] and command[-1] == str(out / "kubernetes.yaml")
+
+
+def test_every_part_of_an_image_reference_reads_back_exactly(tmp_path):
+    image = "[::1]:5000/team/digits_mlp__serve:v0.1.0-rc.1@sha256:" + "0123456789abcdef" * 4
+    deploy(tmp_path, "--index", INDEX, "--version", "0.1.0", "--image", image)
+    documents = list(yaml.safe_load_all((tmp_path / "kubernetes.yaml").read_text()))
+    kubernetes_validate.validate(documents[0], kubernetes_validate.utils.latest_version(), strict=True)
+    assert documents[0]["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    assert f"docker build -t {image} ." in (tmp_path / "Dockerfile").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from ..urls import port
@@ -90,7 +91,9 @@ def _run_deploy(args: argparse.Namespace) -> None:
     from .deploy import deploy
 
     done = deploy(args.name, args.index, args.version, args.out, args.image)
-    dockerfile, manifests = done.files
+    dockerfile, manifests = (shlex.quote(str(path)) for path in done.files)
     print(f"wrote {dockerfile} and {manifests} for {done.name} {done.version}")
-    print(f"next: docker build -t {done.image} {dockerfile.parent} && docker push {done.image}")
+    # Quoted, so that the lines can be pasted into a shell whatever --out holds.
+    folder, image = shlex.quote(str(done.files[0].parent)), shlex.quote(done.image)
+    print(f"next: docker build -t {image} {folder} && docker push {image}")
     print(f"      kubectl apply -f {manifests}")
