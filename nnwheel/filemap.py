@@ -8,12 +8,14 @@ nothing refers to it, so no more than a window or two of a file ever counts in a
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CheckpointError
+from .progress import Progress
 
 # Large because hashes often run on a second thread while the first runs Python (import torch): each chunk
 # costs that thread a wait for the GIL (up to the 5 ms switch interval). A multiple of ALLOCATIONGRANULARITY.
@@ -44,3 +46,15 @@ def mapped_chunks(path: Path, offset: int = 0, size: int | None = None) -> Itera
                 ) from None
             yield memoryview(window)[max(offset - start, 0) :]
             start += length
+
+
+def sha256_of(path: Path, progress: bool = True) -> str:
+    """The file's sha256, with a progress bar on a terminal for large files unless `progress` is False (on a
+    second thread, beside the main thread's own bars)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size if progress else 0  # Progress draws nothing for 0 bytes
+    with Progress(size, f"hashing {path.name}") as bar:
+        for chunk in mapped_chunks(path):
+            digest.update(chunk)
+            bar.advance(len(chunk))
+    return digest.hexdigest()

@@ -319,3 +319,14 @@ def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     )
     assert env.run("import torch", check=False).returncode != 0, "torch must not be importable here"
     return env
+
+
+def copy_arch(spec, destination: Path) -> None:
+    """An --arch class's sources, laid out as a package's _arch/ holds them."""
+    from nnwheel.sources.arch import source_files
+
+    destination.mkdir(parents=True, exist_ok=True)
+    for name, content in source_files(spec):
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content if isinstance(content, bytes) else content.read_bytes())

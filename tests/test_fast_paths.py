@@ -22,11 +22,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_module, nnwheel
+from conftest import copy_arch, load_module, nnwheel
 from safetensors.torch import load_file, save_file
 
-from nnwheel.package.weights import copy_weights, fit_to_model, write_safetensors
+from nnwheel.package import meta_run
+from nnwheel.package.fit import fit_to_model
+from nnwheel.package.weights import copy_weights, write_safetensors
 from nnwheel.schema import output_schema
+from nnwheel.sources import source as source_module
+from nnwheel.sources import state_dict as state_dict_module
+from nnwheel.sources.checkpoint import read_checkpoint
+from nnwheel.sources.tensors import MemoryTensor
 
 ARCH = textwrap.dedent('''\
     import torch
@@ -168,8 +174,9 @@ def plain_safetensors(checkpoint: Path, model: torch.nn.Module, destination: Pat
     state_dict = {name: tensor.clone() for name, tensor in state_dict.items()}  # nothing left in a mapping
     with torch.device("meta"):
         meta = type(model)()
-    fitted = fit_to_model(state_dict, meta, build_on_cpu=lambda: type(model)())
-    write_safetensors(fitted.tensors, destination)
+    listing = {name: MemoryTensor.of(tensor) for name, tensor in state_dict.items()}
+    fitted = fit_to_model(listing, meta, build_on_cpu=lambda: type(model)())
+    write_safetensors(fitted.file_tensors(listing), destination, source=checkpoint)
     return destination.read_bytes()
 
 
@@ -207,9 +214,11 @@ def test_views_and_non_contiguous_tensors_copy_like_memory(tmp_path):
     state_dict = {"head": base[:1000], "tail": base[1000:], "turned": base[:2000].view(40, 50).T, "flag": torch.tensor(True)}
     checkpoint = tmp_path / "views.pth"
     torch.save(state_dict, checkpoint)
-    mapped = torch.load(checkpoint, weights_only=True, mmap=True)
-    fast = write_safetensors(mapped, tmp_path / "fast.safetensors", source=checkpoint)
-    plain = write_safetensors({k: v.clone() for k, v in mapped.items()}, tmp_path / "plain.safetensors")
+    listed = state_dict_module._listed_by_torch(read_checkpoint(checkpoint), None, None)
+    assert {type(t).__name__ for t in listed.values()} == {"StoredTensor", "MemoryTensor"}, "read from the file and from memory"
+    fast = write_safetensors(listed, tmp_path / "fast.safetensors", source=checkpoint)
+    plain = {k: MemoryTensor.of(v.clone()) for k, v in torch.load(checkpoint, weights_only=True).items()}
+    plain = write_safetensors(plain, tmp_path / "plain.safetensors", source=checkpoint)
     assert fast == plain
     assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
 
@@ -254,7 +263,6 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatc
     """Small models take the real run at wrap time; large ones the meta run, in a forked child or (where
     fork is not used) in this process, which must give the same schema."""
     from nnwheel.manifest import Manifest
-    from nnwheel.package import trial
     from nnwheel.sources.arch import parse_arch
 
     arch_file, model = tagger
@@ -262,23 +270,23 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatc
         torch.save(model.state_dict(), tmp_path / "tagger.pth")
         arch_option = f"{arch_file}:Tagger"
         project, written = wrap(tmp_path, tmp_path / "tagger.pth", "--arch", arch_option, *INPUTS)
-        meta = trial.MetaBuild(arch=parse_arch(arch_option, None, []))
+        meta = meta_run.MetaBuild(arch=parse_arch(arch_option, None, []))
     elif kind == "free length":
         torch.save(load_module(arch_file).Smoother().state_dict(), tmp_path / "smoother.pth")
         arch_option = f"{arch_file}:Smoother"
         project, written = wrap(tmp_path, tmp_path / "smoother.pth", "--arch", arch_option, "--input-shape", "-1,4,-1")
         assert written["outputs"][0]["shape"] == [-1, 8, -1]
-        meta = trial.MetaBuild(arch=parse_arch(arch_option, None, []))
+        meta = meta_run.MetaBuild(arch=parse_arch(arch_option, None, []))
     else:  # the tagger's LSTM has no meta kernel in TorchScript (its wraps take the real run): a simpler net
         net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU()).eval()
         torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
         project, written = wrap(tmp_path, tmp_path / "net.pt", "--input-shape", "-1,4")
-        meta = trial.MetaBuild(torchscript=project / "fast_path" / written["weights"][0]["path"])
+        meta = meta_run.MetaBuild(torchscript=project / "fast_path" / written["weights"][0]["path"])
     manifest = Manifest.from_json(json.dumps(written))
-    assert sum(w.size for w in manifest.weights) < trial.META_RUN_ABOVE_BYTES, "the wheel's schema came from the real run"
+    assert sum(w.size for w in manifest.weights) < source_module.LARGE_ABOVE_BYTES, "the wheel's schema came from the real run"
     for forked in (True, False):
-        monkeypatch.setattr(trial, "FORK_META_RUN", forked)
-        with trial.MetaRun(project / "fast_path", manifest.inputs, meta) as run:
+        monkeypatch.setattr(meta_run, "FORK_META_RUN", forked)
+        with meta_run.MetaRun(project / "fast_path", manifest.inputs, meta) as run:
             schema = run.schema
         assert schema is not None, "the meta run could not answer for this model"
         assert (schema.structure, [spec.to_json() for spec in schema.specs]) == (written["output_structure"], written["outputs"])
@@ -287,31 +295,29 @@ def test_meta_run_gives_the_real_runs_output_schema(tmp_path, tagger, monkeypatc
 @pytest.mark.parametrize("class_name", ["Picky", "Exits"])
 def test_a_meta_run_that_cannot_answer_or_dies_leaves_the_answer_to_the_real_run(tmp_path, tagger, class_name):
     """None from the child, whether the model cannot run on the meta device or its process dies."""
-    from nnwheel.package import trial
     from nnwheel.schema import specs_from_shapes
-    from nnwheel.sources.arch import copy_sources, parse_arch
+    from nnwheel.sources.arch import parse_arch
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:{class_name}", None, [])
-    copy_sources(spec, tmp_path / "package" / "_arch")
+    copy_arch(spec, tmp_path / "package" / "_arch")
     inputs = specs_from_shapes([(-1, 4)], ["float32"])
-    if class_name == "Exits" and not trial.FORK_META_RUN:
+    if class_name == "Exits" and not meta_run.FORK_META_RUN:
         pytest.skip("without fork the meta run is in this process, which Exits would end")
-    with trial.MetaRun(tmp_path / "package", inputs, trial.MetaBuild(arch=spec)) as run:
+    with meta_run.MetaRun(tmp_path / "package", inputs, meta_run.MetaBuild(arch=spec)) as run:
         assert run.schema is None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the meta run is forked on Linux only")
 def test_a_meta_run_nobody_waits_for_is_ended_with_the_wrap(tmp_path, tagger):
-    from nnwheel.package import trial
     from nnwheel.schema import specs_from_shapes
-    from nnwheel.sources.arch import copy_sources, parse_arch
+    from nnwheel.sources.arch import parse_arch
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:Sleeps", None, [])
-    copy_sources(spec, tmp_path / "package" / "_arch")
+    copy_arch(spec, tmp_path / "package" / "_arch")
     inputs = specs_from_shapes([(-1, 4)], ["float32"])
-    with trial.MetaRun(tmp_path / "package", inputs, trial.MetaBuild(arch=spec)) as run:
+    with meta_run.MetaRun(tmp_path / "package", inputs, meta_run.MetaBuild(arch=spec)) as run:
         pid = run._child[0]
     with pytest.raises(ChildProcessError):  # killed and reaped: no zombie left
         os.waitpid(pid, os.WNOHANG)
@@ -335,7 +341,6 @@ def test_weights_streamed_into_the_wheel_give_the_same_wheel(tmp_path, tagger, m
     """Large weights skip the package and are written straight into the wheel, hashed beforehand on a second
     core; the wheel must be the plain path's, byte for byte. Picky's meta run fails: its real run must get
     the weights written first."""
-    from nnwheel.package import trial
     from nnwheel.package.weights import DeferredWeights
     from nnwheel.schema import specs_from_shapes
     from nnwheel.sources.arch import parse_arch
@@ -358,7 +363,7 @@ def test_weights_streamed_into_the_wheel_give_the_same_wheel(tmp_path, tagger, m
     writes = []
     original_write = DeferredWeights.write
     monkeypatch.setattr(DeferredWeights, "write", lambda self: (writes.append(self.path.name), original_write(self)))
-    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
     streamed = wrap_in_process(replace(request, out_dir=tmp_path / "streamed"))
 
     assert streamed.read_bytes() == plain.read_bytes()
@@ -401,6 +406,7 @@ def test_complete_gets_the_streamed_hashes_and_writes_what_follows(tmp_path):
         calls.append(hashes)
         (streamed_project / "pkg" / "nnwheel.json").write_text('{"sha256": "%s"}' % hashes[placeholder])
         (streamed_project / "README.md").write_text("# the card\n")
+        return True
 
     streamed = build_wheel(streamed_project, tmp_path / "dist", {placeholder: StreamedFile(lambda: [memoryview(weights)])}, complete)
     assert calls == [{placeholder: hashlib.sha256(weights).hexdigest()}]
@@ -410,22 +416,22 @@ def test_complete_gets_the_streamed_hashes_and_writes_what_follows(tmp_path):
 def test_a_checkpoint_changed_during_a_streamed_wrap_leaves_no_wheel(tmp_path, tagger, monkeypatch):
     from nnwheel import wrap as wrap_module
     from nnwheel.errors import CheckpointError
-    from nnwheel.package import trial
+    from nnwheel.package import trial as trial_module
     from nnwheel.schema import specs_from_shapes
     from nnwheel.sources.arch import parse_arch
 
     arch_file, model = tagger
     checkpoint = tmp_path / "model.pth"
     torch.save(model.state_dict(), checkpoint)
-    original_meta_run = wrap_module.MetaRun
+    original_meta_run = trial_module.MetaRun
 
     def meta_run_while_the_checkpoint_is_saved_again(*args):
         torch.save(model.state_dict(), checkpoint)
         os.utime(checkpoint, ns=(0, 0))  # a new mtime even on file systems with coarse timestamps
         return original_meta_run(*args)
 
-    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
-    monkeypatch.setattr(wrap_module, "MetaRun", meta_run_while_the_checkpoint_is_saved_again)
+    monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
+    monkeypatch.setattr(trial_module, "MetaRun", meta_run_while_the_checkpoint_is_saved_again)
     request = wrap_module.WrapRequest(
         checkpoint, "changing", out_dir=tmp_path / "dist", arch=parse_arch(f"{arch_file}:Tagger", None, []),
         input_specs=tuple(specs_from_shapes([(-1, 7), (-1, 1)], ["int64", "float32"])),
@@ -457,17 +463,16 @@ def test_the_meta_run_answers_where_sigchld_is_ignored(tmp_path, tagger):
     """A process started with SIGCHLD ignored has its children reaped by the system: no status to wait for."""
     import signal
 
-    from nnwheel.package import trial
     from nnwheel.schema import specs_from_shapes
-    from nnwheel.sources.arch import copy_sources, parse_arch
+    from nnwheel.sources.arch import parse_arch
 
     arch_file, _ = tagger
     spec = parse_arch(f"{arch_file}:Smoother", None, [])
-    copy_sources(spec, tmp_path / "package" / "_arch")
+    copy_arch(spec, tmp_path / "package" / "_arch")
     inputs = specs_from_shapes([(-1, 4, -1)], ["float32"])
     previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
-        with trial.MetaRun(tmp_path / "package", inputs, trial.MetaBuild(arch=spec)) as run:
+        with meta_run.MetaRun(tmp_path / "package", inputs, meta_run.MetaBuild(arch=spec)) as run:
             schema = run.schema
     finally:
         signal.signal(signal.SIGCHLD, previous)
@@ -491,16 +496,15 @@ def wrap_request(checkpoint: Path, arch: str, out_dir: Path, inputs=INPUTS, kwar
 
 def wheels_both_ways(monkeypatch, request) -> tuple[bytes, bytes, int]:
     """The wheel wrapped from the checkpoint's tensor table, the one wrapped through torch.load, and how many
-    times the table path got as far as the wheel's end (where the child's check_fit answer decides)."""
+    times the table path asked the child for its fit (which it does once the weights are in the wheel)."""
     from nnwheel import wrap as wrap_module
-    from nnwheel.package import trial
 
-    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)  # these small models take the large models' paths
+    monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)  # these small models take the large models' paths
     completions = []
-    original_with_fit = wrap_module._with_fit
-    monkeypatch.setattr(wrap_module, "_with_fit", lambda parts: completions.append(1) or original_with_fit(parts))
+    original_fit = meta_run.MetaRun.fit
+    monkeypatch.setattr(meta_run.MetaRun, "fit", lambda run: completions.append(1) or original_fit(run))
     from_table = wrap_module.wrap(replace(request, out_dir=request.out_dir / "table")).read_bytes()
-    monkeypatch.setattr(wrap_module, "read_tensor_table", lambda checkpoint: None)
+    monkeypatch.setattr(state_dict_module, "read_tensor_table", lambda checkpoint: None)
     through_torch = wrap_module.wrap(replace(request, out_dir=request.out_dir / "torch")).read_bytes()
     return from_table, through_torch, len(completions)
 
@@ -527,9 +531,9 @@ def test_a_tensor_table_gives_the_wheel_torch_load_gives(tmp_path, tagger, monke
 
 
 @pytest.mark.parametrize("case", ["tie kept under its alias", "non-persistent buffer"])
-def test_a_table_that_is_not_the_files_tensors_goes_through_torch(tmp_path, tagger, monkeypatch, case):
-    """The child finds that the safetensors file would not hold the table's tensors as they are: wrap
-    starts again through torch.load, and gives its wheel."""
+def test_a_table_that_is_not_the_files_tensors_is_written_again_as_the_fit_says(tmp_path, tagger, monkeypatch, case):
+    """The child finds that the safetensors file would not hold the table's tensors as they are: the wheel
+    is written once more as its fit says, and is the one torch.load's path gives."""
     arch_file, model = tagger
     if case == "tie kept under its alias":  # stored under embed.weight, the tied group's first name
         save_file({k: v.clone() for k, v in model.state_dict().items() if k != "embed.weight"}, tmp_path / "m.safetensors")
@@ -549,7 +553,6 @@ def test_a_table_that_is_not_the_files_tensors_goes_through_torch(tmp_path, tagg
 def test_a_table_that_does_not_fit_its_class_gets_torchs_error_and_leaves_no_wheel(tmp_path, tagger, monkeypatch, misfit):
     from nnwheel import wrap as wrap_module
     from nnwheel.errors import ArchitectureError
-    from nnwheel.package import trial
     from nnwheel.sources.arch import parse_arch
 
     arch_file, _ = tagger
@@ -562,12 +565,12 @@ def test_a_table_that_does_not_fit_its_class_gets_torchs_error_and_leaves_no_whe
     request = wrap_request(tmp_path / "reader.pth", f"{arch_file}:Tagger", tmp_path / "dist", kwargs=PLAIN)
     if misfit == "bad kwargs":
         request = replace(request, arch=parse_arch(f"{arch_file}:Tagger", '{"width": 3}', []))
-    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
 
     messages = []
     for table in (True, False):
         if not table:
-            monkeypatch.setattr(wrap_module, "read_tensor_table", lambda checkpoint: None)
+            monkeypatch.setattr(state_dict_module, "read_tensor_table", lambda checkpoint: None)
         with pytest.raises(ArchitectureError) as raised:
             wrap_module.wrap(request)
         messages.append(str(raised.value))
@@ -582,8 +585,8 @@ def test_a_tables_wrap_never_imports_torch_in_the_wrapping_process(tmp_path, tag
     code = textwrap.dedent(f"""\
         import sys
         from nnwheel import cli
-        from nnwheel.package import trial
-        trial.META_RUN_ABOVE_BYTES = 0
+        from nnwheel.sources import source as source_module
+        source_module.LARGE_ABOVE_BYTES = 0
         status = cli.main(["wrap", {str(tmp_path / "reader.pth")!r}, "--name", "reader", "--arch",
                            {f"{arch_file}:Tagger"!r}, "--arch-kwargs", {PLAIN!r}, *{list(INPUTS)!r},
                            "--out", {str(tmp_path / "dist")!r}])

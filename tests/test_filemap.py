@@ -10,8 +10,7 @@ import os
 import pytest
 
 from nnwheel.errors import CheckpointError
-from nnwheel.filemap import WINDOW_BYTES, mapped_chunks
-from nnwheel.sources.checkpoint import sha256_of
+from nnwheel.filemap import WINDOW_BYTES, mapped_chunks, sha256_of
 
 GRAIN = mmap.ALLOCATIONGRANULARITY
 

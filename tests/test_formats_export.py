@@ -21,9 +21,10 @@ from torch import nn
 from torch.export import Dim
 
 from nnwheel.errors import SchemaError
-from nnwheel.package import trial
-from nnwheel.package.pack import _export_input_specs
-from nnwheel.sources.torch_export import read_export_interface
+from nnwheel.package import complete, trial
+from nnwheel.sources import source as source_module
+from nnwheel.sources.export_interface import read_export_interface
+from nnwheel.sources.torch_export import _export_input_specs
 from nnwheel.wrap import WrapRequest
 from nnwheel.wrap import wrap as wrap_in_process
 
@@ -123,8 +124,8 @@ def _wrap_both_ways(tmp_path: Path, monkeypatch, checkpoint: Path) -> tuple[Path
     plain = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
     runs = []
     real_run = trial.real_run
-    monkeypatch.setattr("nnwheel.wrap.real_run", lambda *args: (runs.append(args), real_run(*args))[1])
-    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(complete, "real_run", lambda *args: (runs.append(args), real_run(*args))[1])
+    monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
     large = wrap_in_process(replace(request, out_dir=tmp_path / "large"))
     return plain, large, runs
 
@@ -178,7 +179,7 @@ def test_free_size_the_program_refuses_fails_as_the_real_run_does(tmp_path, monk
     request = WrapRequest(path, "min-five", out_dir=tmp_path / "dist")
     with pytest.raises(SchemaError, match="the model failed on the example") as plain:
         wrap_in_process(request)
-    monkeypatch.setattr(trial, "META_RUN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
     with pytest.raises(SchemaError, match="the model failed on the example") as large:
         wrap_in_process(request)
     assert str(large.value) == str(plain.value)
@@ -221,9 +222,9 @@ def test_large_program_is_wrapped_without_importing_torch(tmp_path):
                  ({0: Dim("batch"), 1: Dim("length")}, {0: Dim("batch")}), tmp_path / "tagger.pt2")
     code = textwrap.dedent(f"""\
         import sys
-        from nnwheel.package import trial
         from nnwheel.cli import main
-        trial.META_RUN_ABOVE_BYTES = 0
+        from nnwheel.sources import source as source_module
+        source_module.LARGE_ABOVE_BYTES = 0
         code = main(["wrap", {str(path)!r}, "--name", "no-torch", "--out", {str(tmp_path / "dist")!r}])
         assert code == 0, code
         print("torch imported:", "torch" in sys.modules)

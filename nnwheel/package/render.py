@@ -1,9 +1,8 @@
-"""Manifest + template/ -> a hatchling project directory. The weights and _arch/ are put in place by wrap."""
+"""template/ filled in: the package's code, pyproject.toml, the manifest and the model card."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -27,27 +26,23 @@ class ProjectMetadata:
     author: str | None = None
 
 
-def write_package_code(package: Path, runtime: str) -> None:
-    """Copy the template's code into the project's import package, with the runtime module it needs."""
-    package.mkdir(parents=True, exist_ok=True)
+def package_code(runtime: str) -> list[tuple[str, Path]]:
+    """The template's code every model package gets, with the runtime module it needs: (name, template file)."""
     source = TEMPLATE_DIR / "package"
-    for name in _PACKAGE_FILES:
-        shutil.copyfile(source / name, package / name)
-    shutil.copyfile(source / f"_runtime_{runtime}.py", package / "_runtime.py")
+    return [(name, source / name) for name in _PACKAGE_FILES] + [("_runtime.py", source / f"_runtime_{runtime}.py")]
 
 
 def write_manifest(package: Path, manifest: Manifest) -> None:
     (package / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
 
-def write_project_files(project_dir: Path, manifest: Manifest, metadata: ProjectMetadata) -> None:
-    """pyproject.toml and README.md (the model card, which becomes the wheel's description)."""
-    write_pyproject(project_dir, manifest.name, manifest.version, manifest.import_name, metadata)
+def write_model_card(project_dir: Path, manifest: Manifest, metadata: ProjectMetadata) -> None:
+    """README.md: the model card, which becomes the wheel's description."""
     (project_dir / "README.md").write_text(model_card(manifest, metadata), encoding="utf-8")
 
 
-def write_pyproject(project_dir: Path, name: str, version: str, import_name: str, metadata: ProjectMetadata) -> None:
-    pyproject = Template((TEMPLATE_DIR / "pyproject.toml").read_text(encoding="utf-8")).substitute(
+def pyproject_text(name: str, version: str, import_name: str, metadata: ProjectMetadata) -> str:
+    return Template((TEMPLATE_DIR / "pyproject.toml").read_text(encoding="utf-8")).substitute(
         name=json.dumps(name),
         version=json.dumps(version),
         summary=json.dumps(metadata.summary),
@@ -55,7 +50,6 @@ def write_pyproject(project_dir: Path, name: str, version: str, import_name: str
         optional_metadata=_optional_metadata(metadata),
         import_name=import_name,
     )
-    (project_dir / "pyproject.toml").write_text(pyproject, encoding="utf-8")
 
 
 def _optional_metadata(metadata: ProjectMetadata) -> str:

@@ -53,14 +53,15 @@ def build_wheel(
     project_dir: Path,
     out_dir: Path,
     streamed: Mapping[Path, StreamedFile] | None = None,
-    complete: Callable[[dict[Path, str]], None] | None = None,
-) -> Path:
+    complete: Callable[[dict[Path, str]], bool] | None = None,
+) -> Path | None:
     """Build the project's py3-none-any wheel into out_dir and return its path.
 
     The files named in `streamed` are placeholders in the project: their bytes come from the StreamedFile.
     `complete`, if given, is called with their sha256s once the last of them is in the wheel: it may then
     rewrite the files that come after them in the wheel (listed before: they must exist already), and
-    README.md, which is read for METADATA after it.
+    README.md, which is read for METADATA after it. Where it returns False, the wheel is discarded and
+    build_wheel returns None.
     """
     streamed = streamed or {}
     streamed_paths = {os.path.realpath(path): path for path in streamed}
@@ -73,27 +74,35 @@ def build_wheel(
     split = 1 + max((i for i, source in enumerate(sources) if source is not None), default=-1)  # after the last
     total_bytes = sum(os.path.getsize(included.path) for included in files)
     hashes: dict[Path, str] = {}
-    with _atomic_output(target) as output:
-        with (
-            StreamingWheelArchive(output, builder.artifact_project_id) as archive,
-            RecordFile() as records,
-            Progress(total_bytes, f"writing {target.name}") as progress,
-        ):
-            for included, source in zip(files[:split], sources[:split]):
-                row, sha256 = archive.add_file(included, progress, streamed[source] if source else None)
-                records.write(row)
-                if source is not None:
-                    hashes[source] = sha256
-            if complete is not None:
-                complete(hashes)
-                builder = _hatchling_builder(project_dir)  # its metadata, from the README just written
-            for included in files[split:]:
-                records.write(archive.add_file(included, progress)[0])
-            # hatchling's own code writes METADATA, WHEEL, entry_points.txt and licenses/, in its order.
-            builder.write_metadata(archive, records, build_data)
-            records.write((f"{archive.metadata_directory}/RECORD", "", ""))
-            archive.write_metadata("RECORD", records.construct())
+    try:
+        with _atomic_output(target) as output:
+            with (
+                StreamingWheelArchive(output, builder.artifact_project_id) as archive,
+                RecordFile() as records,
+                Progress(total_bytes, f"writing {target.name}") as progress,
+            ):
+                for included, source in zip(files[:split], sources[:split]):
+                    row, sha256 = archive.add_file(included, progress, streamed[source] if source else None)
+                    records.write(row)
+                    if source is not None:
+                        hashes[source] = sha256
+                if complete is not None:
+                    if not complete(hashes):
+                        raise _Discarded
+                    builder = _hatchling_builder(project_dir)  # its metadata, from the README just written
+                for included in files[split:]:
+                    records.write(archive.add_file(included, progress)[0])
+                # hatchling's own code writes METADATA, WHEEL, entry_points.txt and licenses/, in its order.
+                builder.write_metadata(archive, records, build_data)
+                records.write((f"{archive.metadata_directory}/RECORD", "", ""))
+                archive.write_metadata("RECORD", records.construct())
+    except _Discarded:  # removed by _atomic_output
+        return None
     return target
+
+
+class _Discarded(Exception):
+    """`complete` asked for the wheel being written to be discarded."""
 
 
 def _hatchling_builder(project_dir: Path) -> WheelBuilder:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
 
 # Imported by every state_dict model package anyway, so never a requirement of their own.
 _ALWAYS_REQUIRED = {"torch", "numpy", "safetensors"}
+_ARCH_INIT = b'"""The model architecture\'s source, as given to nnwheel wrap --arch."""\n'
 
 
 @dataclass(frozen=True)
@@ -108,16 +108,17 @@ def third_party_requirements(spec: ArchSpec) -> list[str]:
     return sorted(requirements)
 
 
-def copy_sources(spec: ArchSpec, destination: Path) -> None:
-    """Copy the architecture file and its --include files into `destination` (the package's _arch/)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    (destination / "__init__.py").write_text('"""The model architecture\'s source, as given to nnwheel wrap --arch."""\n')
-    shutil.copyfile(spec.file, destination / spec.file.name)
-    for path in spec.includes:
-        if path.is_dir():
-            shutil.copytree(path, destination / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copyfile(path, destination / path.name)
+def source_files(spec: ArchSpec) -> Iterator[tuple[str, bytes | Path]]:
+    """The architecture file and its --include files, as the package's _arch/ holds them: (name, content)."""
+    yield "__init__.py", _ARCH_INIT
+    yield spec.file.name, spec.file
+    for include in spec.includes:
+        if include.is_file():
+            yield include.name, include
+            continue
+        for path in sorted(include.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                yield f"{include.name}/{path.relative_to(include).as_posix()}", path
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Read an ONNX model's interface without loading its weights: input and output schema, external data files."""
+"""ONNX models: their interface read without loading their weights (input and output schema, external data
+files), and the files put in as they are, for onnxruntime."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointError, MissingDependencyError, SchemaError
-from ..schema import DTYPES, TensorSpec
+from ..schema import DTYPES, OutputSchema, TensorSpec
+from .checkpoint import Checkpoint
+from .source import ModelSource, ProgramFile, SourceOptions
+from .versions import installed_minor
 
 # ONNX's names for the element types nnwheel's schema knows, where they differ from numpy's.
 _ONNX_DTYPE_NAMES = {"float": "float32", "double": "float64"}
@@ -21,6 +25,24 @@ class OnnxGraph:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     external_data: tuple[str, ...]  # files the model reads its tensors from, relative to its directory
+
+
+def read_onnx_model(checkpoint: Checkpoint, options: SourceOptions, structure: str | None = None) -> ModelSource:
+    """model.onnx and its external data files, as they are; the schema is the graph's.
+
+    Several outputs come back as a dict keyed by their graph names, unless `structure` (the PyTorch
+    model's, for --to onnx) says otherwise.
+    """
+    runtime_version = installed_minor("onnxruntime", "onnx")
+    graph = read_onnx(checkpoint.path)
+    files = [ProgramFile("model.onnx", checkpoint.path)]
+    files += [ProgramFile(location, checkpoint.path.parent / location) for location in graph.external_data]
+    if structure is None:
+        structure = "tensor" if len(graph.outputs) == 1 else "dict"
+    return ModelSource(
+        checkpoint, "onnxruntime", (f"onnxruntime>={runtime_version}", "numpy>=1.22"), graph.inputs,
+        files=tuple(files), outputs=OutputSchema(structure, graph.outputs),
+    )
 
 
 def read_onnx(path: Path) -> OnnxGraph:

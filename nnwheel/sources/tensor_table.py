@@ -2,10 +2,10 @@
 
 For the large state_dicts wrap converts, the table is all that writing the package's safetensors file
 needs, so the wrapping process starts writing at once and leaves torch (1.2-1.7 s to import) to the child
-process that checks the weights against the model meanwhile (see trial.MetaRun). Only plain files are read
+process that checks the weights against the model meanwhile (see package/meta_run.py). Only plain files are read
 here: a dict of whole, contiguous tensors, none sharing its storage with another, stored uncompressed in
 this machine's byte order. For any other file read_tensor_table returns None, and wrap reads it with
-torch.load(weights_only=True) as before, which also words the errors.
+torch.load(weights_only=True) (see state_dict.py), which also words the errors.
 
 The pickle is read by an unpickler that knows four globals and calls only functions of its own: a
 state_dict's collections.OrderedDict, torch's tensor rebuild function and storage types (which become
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .checkpoint import Checkpoint, Format
+from .tensors import StoredTensor
 
 # torch.save's storage types (the pickle's GLOBAL 'torch FloatStorage' ...) -> (dtype, bytes per element).
 _STORAGE_TYPES = {
@@ -42,14 +43,6 @@ _SAFETENSORS_TYPES = {
     "BOOL": ("bool", 1),
 }
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # ends with the file name's and the extra field's lengths
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    dtype: str  # torch's name for it: "float32"
-    shape: tuple[int, ...]
-    offset: int  # of its first byte in the file
-    size: int  # in bytes
 
 
 def read_tensor_table(checkpoint: Checkpoint) -> dict[str, StoredTensor] | None:

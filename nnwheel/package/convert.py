@@ -1,4 +1,5 @@
-"""wrap --to onnx: export a PyTorch model with torch's exporter, and check that ONNX gives the same outputs."""
+"""wrap --to onnx, between the trial and the writer: the completed PyTorch package exported with torch's
+exporter, packaged for onnxruntime as its own project, and checked to give the same outputs."""
 
 from __future__ import annotations
 
@@ -6,15 +7,70 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConversionError, MissingDependencyError, first_line
+from ..manifest import Manifest
 from ..schema import TensorSpec
+from ..sources.checkpoint import Format, read_checkpoint
+from ..sources.onnx import read_onnx_model
+from ..sources.source import SourceOptions
+from .details import PackageDetails, project_metadata
+from .plan import plan_package
+from .project import Project, lay_out
+from .render import write_manifest, write_model_card
+from .trial import imported
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+
+
+def convert_to_onnx(torch_package: Path, manifest: Manifest, details: PackageDetails, example: list | None, work: Path) -> Project:
+    """Both sides run through their package's own predict(), so the check covers what users will run."""
+    import numpy as np
+
+    examples = [check_inputs(manifest.inputs)]
+    if example is not None:
+        examples.append([v if isinstance(v, np.ndarray) else v.numpy() for v in example])
+    exported = work / "onnx-export" / "model.onnx"
+    exported.parent.mkdir()
+    names = [spec.name for spec in manifest.outputs]
+    with imported(torch_package) as module:
+        expected = [_flat(module.predict(*inputs)) for inputs in examples]
+        export_onnx(module.load(), examples[0], manifest.inputs, names, exported)
+    source = read_onnx_model(read_checkpoint(exported), SourceOptions(), structure=manifest.output_structure)
+    assert source.outputs is not None
+    plan = plan_package(source, details.names, details.version, project_metadata(details, source)).wheels[0]
+    project = lay_out(plan, work / "onnx-project")
+    manifest = replace(
+        manifest, format=Format.ONNX.value, runtime=source.runtime, weights=project.weight_files(),
+        inputs=source.inputs, outputs=source.outputs.specs, torch_version=None, arch=None,
+    )
+    write_manifest(project.package, manifest)
+    try:
+        with imported(project.package) as module:
+            actual = [_flat(module.predict(*inputs)) for inputs in examples]
+    except Exception as error:
+        raise ConversionError(
+            f"the ONNX model fails on the check inputs ({type(error).__name__}: {error}); "
+            "wrap without --to onnx to keep the torch runtime"
+        ) from None
+    for want, got in zip(expected, actual):
+        check_agreement(want, got, names)
+    write_model_card(project.root, manifest, plan.metadata)
+    return project
+
+
+def _flat(outputs: Any) -> list:
+    """A model's outputs as a list in their manifest order (dicts keep their insertion order)."""
+    if isinstance(outputs, dict):
+        return list(outputs.values())
+    return list(outputs) if isinstance(outputs, tuple) else [outputs]
+
 
 # How closely ONNX Runtime must reproduce torch on the check inputs: float32 kernels differ in summation order.
 RTOL = 1e-4

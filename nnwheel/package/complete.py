@@ -1,0 +1,90 @@
+"""The package completed once the trial has answered: the manifest, with the output schema, and the model card."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from .. import __version__
+from ..manifest import Arch, Manifest, Source
+from ..schema import (
+    free_where_different,
+    has_free_inner_dims,
+    is_batched,
+    output_schema,
+)
+from ..sources.checkpoint import check_unchanged
+from ..sources.source import ModelSource
+from ..sources.versions import torch_version
+from .plan import WheelPlan
+from .project import Project
+from .render import write_manifest, write_model_card
+from .trial import Trial, keras_inputs, real_run, zeros_for
+
+
+def complete_package(
+    plan: WheelPlan, source: ModelSource, project: Project, trial: Trial, example: list | None,
+    checkpoint_sha256: Callable[[], str] | None,
+) -> Manifest:
+    """Write the manifest and the model card; the real run goes first where the run without weights (or the
+    file) did not give the outputs. `checkpoint_sha256` is that of a checkpoint converted to safetensors;
+    a program's file goes in as it is, and its sha256 is its weights file's."""
+    check_unchanged(source.checkpoint)
+    weights = project.weight_files()
+    manifest = Manifest(
+        name=plan.names.distribution,
+        import_name=plan.names.import_name,
+        version=plan.version,
+        format=source.checkpoint.format.value,
+        runtime=source.runtime,
+        weights=weights,
+        inputs=source.inputs,
+        outputs=source.outputs.specs if source.outputs else (),
+        output_structure=source.outputs.structure if source.outputs else "tensor",
+        source=Source(
+            source.checkpoint.path.name,
+            checkpoint_sha256() if checkpoint_sha256 else weights[0].sha256,
+            source.checkpoint.size,
+        ),
+        nnwheel_version=__version__,
+        torch_version=None if source.runtime == "onnxruntime" else torch_version(),
+        arch=_arch(source, trial),
+    )
+    write_manifest(project.package, manifest)
+    if source.runtime == "keras":
+        manifest = replace(manifest, inputs=keras_inputs(project.package))
+        write_manifest(project.package, manifest)
+    if source.outputs is None:
+        manifest = _with_outputs(manifest, project, trial, example)
+        write_manifest(project.package, manifest)
+    elif source.run_at_wrap:
+        real_run(project.package, example or zeros_for(manifest))  # proof that it runs
+    write_model_card(project.root, manifest, plan.metadata)
+    return manifest
+
+
+def _arch(source: ModelSource, trial: Trial) -> Arch | None:
+    if source.arch is None:
+        return None
+    fit = trial.fit()
+    return Arch(
+        module=source.arch.module,
+        class_name=source.arch.class_name,
+        kwargs=source.arch.kwargs,
+        tied=fit.tied,
+        non_persistent_buffers=tuple(fit.buffers),
+    )
+
+
+def _with_outputs(manifest: Manifest, project: Project, trial: Trial, example: list | None) -> Manifest:
+    """The output schema: the run without weights', else the real run's (on zeros, and once more with other
+    free sizes where inner dimensions are free: output dimensions that follow them are free too)."""
+    schema = trial.schema
+    if schema is None:
+        project.write_tensors()
+        batched = is_batched(manifest.inputs)
+        schema = output_schema(real_run(project.package, example or zeros_for(manifest)), batched)
+        if example is None and has_free_inner_dims(manifest.inputs):
+            other = real_run(project.package, zeros_for(manifest, free=3))
+            schema = free_where_different(schema, output_schema(other, batched))
+    return replace(manifest, outputs=schema.specs, output_structure=schema.structure)
