@@ -72,6 +72,10 @@ class NotAModelWheelError(NnwheelError):
     exit_code = 2
 
 
+class DamagedWheelError(NnwheelError):
+    """A model wheel's files do not match its RECORD, its manifest or its file name; publish refuses it."""
+
+
 class UnknownRepositoryError(NnwheelError):
     """--index names a repository that ~/.pypirc does not define."""
 

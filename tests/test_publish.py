@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -24,15 +29,17 @@ from conftest import (
     tiny_model_wheel,
 )
 
-from nnwheel.share.publish import PYPI_FILE_LIMIT, ModelWheel, Target, oversize_warning
+from nnwheel.share.model_wheel import ModelWheel
+from nnwheel.share.publish import PYPI_FILE_LIMIT, Target, oversize_warning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("plain_pip")]
 
 
-def publish(wheel: Path, index: DevpiIndex, *extra: str, password: str | None = None, check: bool = True):
+def publish(wheels: Path | list[Path], index: DevpiIndex, *extra: str, password: str | None = None, check: bool = True):
     """nnwheel publish in a new process, with credentials in the environment as a CI job would pass them."""
     env = {"NNWHEEL_INDEX_USER": index.user, "NNWHEEL_INDEX_PASSWORD": password or index.password}
-    return nnwheel("publish", wheel, "--index", index.url, *extra, env=env, check=check)
+    batch = [wheels] if isinstance(wheels, Path) else wheels
+    return nnwheel("publish", *batch, "--index", index.url, *extra, env=env, check=check)
 
 
 def sha256(path: Path) -> str:
@@ -337,3 +344,123 @@ def test_pypi_uploads_over_its_file_limit_are_warned_about():
     assert warning is not None and "PyPI refuses files over 100 MB" in warning and "nnwheel index start" in warning
     assert oversize_warning(pypi, small) is None
     assert oversize_warning(devpi, big) is None
+
+
+# --- Verification before the first upload: a damaged wheel would stay on a non-volatile index for good ----
+
+WEIGHTS = "tiny_model/weights.bin"
+
+
+def rewritten(wheel: Path, out: Path, changes: dict[str, bytes | None], record: bool = True) -> Path:
+    """A copy of wheel with members replaced, added or (None) removed; RECORD made to match unless record=False."""
+    with zipfile.ZipFile(wheel) as source:
+        members = {info.filename: source.read(info) for info in source.infolist()}
+    for name, data in changes.items():
+        if data is None:
+            del members[name]
+        else:
+            members[name] = data
+    record_name = next(name for name in members if name.endswith(".dist-info/RECORD"))
+    if record:
+        lines = [f"{name},sha256={b64_sha256(data)},{len(data)}" for name, data in members.items() if name != record_name]
+        members[record_name] = "\n".join([*lines, f"{record_name},,", ""]).encode()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w") as target:  # stored, as the wheel writer stores weights
+        for name, data in members.items():
+            target.writestr(name, data)
+    return out
+
+
+def b64_sha256(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def with_weights(tmp_path: Path, weights: bytes = bytes(range(256)) * 512) -> Path:
+    """The tiny model wheel with a weights file that its manifest lists by sha256 and size, as wrap writes them."""
+    manifest = {"name": "tiny-model", "version": "0.1.0",
+                "weights": [{"path": "weights.bin", "sha256": hashlib.sha256(weights).hexdigest(), "size": len(weights)}]}
+    changes = {WEIGHTS: weights, "tiny_model/nnwheel.json": json.dumps(manifest).encode()}
+    wheel = tiny_model_wheel(tmp_path)
+    return rewritten(wheel, tmp_path / "weighted" / wheel.name, changes)  # fmt: skip
+
+
+def flip_a_byte(wheel: Path, member: str, out: Path) -> Path:
+    """A copy of wheel with one byte of member's stored data inverted, as a bad disk or transfer would."""
+    data = bytearray(wheel.read_bytes())
+    with zipfile.ZipFile(wheel) as archive:
+        info = archive.getinfo(member)
+    # The local header is 30 bytes, then the name and an extra field, whose lengths it ends with.
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + info.compress_size // 2] ^= 0xFF
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out
+
+
+def files_on(index: DevpiIndex, project: str) -> list[str]:
+    """The file names the index serves for project (none when it does not know the project)."""
+    try:
+        with urllib.request.urlopen(f"{index.simple_url}{project}/", timeout=10) as response:
+            return re.findall(r">([^<>]+\.whl)<", response.read().decode())
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return []
+        raise
+
+
+def test_a_wheel_whose_weights_match_everything_is_published(devpi, tmp_path):
+    index = devpi.create_index()
+    wheel = with_weights(tmp_path)
+    assert f"{wheel.name}: published to {index.url}" in publish(wheel, index).stdout
+    assert files_on(index, "tiny-model") == [wheel.name]
+
+
+def test_a_damaged_wheel_stops_the_whole_batch_and_the_index_is_unchanged(devpi, tmp_path):
+    index = devpi.create_index()
+    good = tiny_model_wheel(tmp_path, name="good-model")
+    wheel = with_weights(tmp_path)
+    other_weights = bytes(reversed(range(256))) * 512
+    renamed = tmp_path / "renamed" / wheel.name.replace("-0.1.0-", "-0.2.0-")
+    renamed.parent.mkdir()
+    renamed.write_bytes(wheel.read_bytes())
+    cases = [
+        (flip_a_byte(wheel, WEIGHTS, tmp_path / "flipped" / wheel.name), f"{WEIGHTS} cannot be read (Bad CRC-32"),
+        (rewritten(wheel, tmp_path / "unrecorded" / wheel.name, {WEIGHTS: other_weights}, record=False),
+         f"{WEIGHTS} does not match its sha256 and size in RECORD"),
+        (rewritten(wheel, tmp_path / "extra" / wheel.name, {"tiny_model/extra.py": b"x = 1\n"}, record=False),
+         "tiny_model/extra.py is in the wheel or in RECORD, but not in both"),
+        (rewritten(wheel, tmp_path / "recorded" / wheel.name, {WEIGHTS: other_weights}),
+         f"{WEIGHTS} does not match its sha256 and size in tiny_model/nnwheel.json"),
+        (renamed, "METADATA says tiny-model 0.1.0, the file name tiny-model 0.2.0"),
+    ]  # fmt: skip
+    for damaged, reason in cases:
+        result = publish([good, damaged], index, check=False)
+        assert result.returncode == 1, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: {damaged} is damaged: {reason}")
+        assert line.endswith("; nothing was uploaded: wrap the model again with `nnwheel wrap` and publish the new wheel")
+        assert "Uploading" not in result.stderr and result.stdout == ""
+        assert files_on(index, "good-model") == [] and files_on(index, "tiny-model") == []
+
+    no_manifest = rewritten(wheel, tmp_path / "no-manifest" / wheel.name, {"tiny_model/nnwheel.json": None})
+    result = publish([good, no_manifest], index, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {no_manifest} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an entry point "
+        "in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"
+    )
+    assert files_on(index, "good-model") == []
+
+    publish([good, wheel], index)  # the intact batch goes through
+    assert files_on(index, "good-model") == [good.name] and files_on(index, "tiny-model") == [wheel.name]
+
+
+def test_an_index_that_is_down_is_reported_before_any_wheel_is_hashed(tmp_path):
+    damaged = flip_a_byte(with_weights(tmp_path), WEIGHTS, tmp_path / "flipped" / "tiny_model-0.1.0-py2.py3-none-any.whl")
+    url = f"http://127.0.0.1:{free_port()}/user/models/"
+    result = nnwheel("publish", damaged, "--index", url, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: cannot reach the index at {url} (connection refused): check the URL, "
+        "and that the server runs (`nnwheel index status` for the local one)"
+    )

@@ -125,7 +125,8 @@ def _add_publish(commands: argparse._SubParsersAction) -> None:
         help="upload model wheels to a package index with twine",
         description="Upload wheels made by `nnwheel wrap`. The index is asked first: a file it already has "
         "with the same sha256 is skipped; the same name with other content is refused (released files "
-        "never change: wrap a new --version).",
+        "never change: wrap a new --version). Every wheel is verified before the first is sent (RECORD "
+        "hashes, the manifest's weight hashes, name and version): one that is damaged stops the batch.",
         epilog="credentials: --user/--password, else NNWHEEL_INDEX_USER/NNWHEEL_INDEX_PASSWORD, else "
         "TWINE_USERNAME/TWINE_PASSWORD, else ~/.pypirc, else the local index's stored ones.",
     )
@@ -142,11 +143,12 @@ def _add_publish(commands: argparse._SubParsersAction) -> None:
 def _run_publish(args: argparse.Namespace) -> None:
     from . import publish
     from .index_files import default_dir
+    from .model_wheel import read_model_wheel
 
-    wheels = [publish.read_model_wheel(path) for path in args.wheels]
+    wheels = [read_model_wheel(path) for path in args.wheels]
     target = publish.resolve_target(args.index, args.user, args.password, default_dir())
-    for wheel in wheels:
-        if publish.is_published(target, wheel):
+    for wheel, published in publish.check_before_upload(target, wheels):
+        if published:
             print(f"{wheel.path.name}: already published at {target.upload_url} (same sha256), nothing sent")
             continue
         warning = publish.oversize_warning(target, wheel)

@@ -2,7 +2,8 @@
 
 A released file never changes: before sending anything we ask the index (its simple API) whether it
 already has the file name. The same sha256 means the work is done; a different one is refused, since
-twine's --skip-existing does not work with devpi and would hide the difference anyway.
+twine's --skip-existing does not work with devpi and would hide the difference anyway. Every wheel of
+the batch is verified (model_wheel.verify) before the first is sent.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import base64
 import configparser
 import contextlib
-import functools
 import hashlib
 import html.parser
 import http.client
@@ -21,33 +21,25 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.utils import (
-    InvalidWheelFilename,
-    canonicalize_name,
-    parse_wheel_filename,
-)
+from packaging.utils import canonicalize_name
 
 from ..errors import (
     AlreadyReleasedError,
     AuthenticationError,
     IndexNotRunningError,
     IndexUnreachableError,
-    NotAModelWheelError,
     UnknownRepositoryError,
     UploadPermissionError,
     UploadRejectedError,
     UploadTooLargeError,
 )
-from ..filemap import sha256_of
-from ..manifest import MANIFEST_NAME
-from ..models import ENTRY_POINT_GROUP
 from ..urls import parse_url
 from .index import find_running
 from .index_files import read_credentials
+from .model_wheel import ModelWheel, verify
 
 # PyPI's default per-file limit; projects can ask for more.
 PYPI_FILE_LIMIT = 100 * 1000 * 1000
@@ -56,7 +48,6 @@ CHECK_TIMEOUT_S = 5.0
 _PYPI_UPLOADS = {"upload.pypi.org": "https://pypi.org/simple/", "test.pypi.org": "https://test.pypi.org/simple/"}
 # What --index takes for a ~/.pypirc section rather than a URL: no "/" or ":" (http://..., host:port).
 _REPOSITORY_NAME = re.compile(r"[^/:]+")
-_NNWHEEL_JSON = re.compile(rf"[^/]+/{re.escape(MANIFEST_NAME)}")
 
 
 @dataclass(frozen=True)
@@ -71,19 +62,6 @@ class Target:
     @property
     def is_pypi(self) -> bool:
         return urllib.parse.urlsplit(self.upload_url).hostname in _PYPI_UPLOADS
-
-
-@dataclass(frozen=True)
-class ModelWheel:
-    path: Path
-    project: str  # canonical distribution name
-    version: str
-    size: int
-
-    @functools.cached_property
-    def sha256(self) -> str:
-        """Hashed only when the index already has a file of this name: a model wheel can take seconds."""
-        return sha256_of(self.path)
 
 
 def resolve_target(
@@ -159,40 +137,6 @@ def _simple_url(upload_url: str) -> str:
     return _PYPI_UPLOADS.get(host or "", f"{upload_url}+simple/")
 
 
-def read_model_wheel(path: Path) -> ModelWheel:
-    """The wheel's name and version; refuses anything that is not a wheel made by nnwheel."""
-    if not path.is_file():
-        raise NotAModelWheelError(f"{path} does not exist")
-    try:
-        project, version, _, _ = parse_wheel_filename(path.name)
-    except InvalidWheelFilename:
-        raise NotAModelWheelError(
-            f"{path} is not a wheel: nnwheel publishes model wheels made by `nnwheel wrap`"
-        ) from None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            entry_points = _entry_points(archive, names)
-    except zipfile.BadZipFile:
-        raise NotAModelWheelError(f"{path} is not a valid zip archive; rebuild it with `nnwheel wrap`") from None
-    manifests = [name for name in names if _NNWHEEL_JSON.fullmatch(name) and ".dist-info/" not in name]
-    if len(manifests) != 1 or not entry_points.has_section(ENTRY_POINT_GROUP):
-        raise NotAModelWheelError(
-            f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
-            "entry point in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"
-        )
-    return ModelWheel(path, str(project), str(version), path.stat().st_size)
-
-
-def _entry_points(archive: zipfile.ZipFile, names: list[str]) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # entry names are case-sensitive
-    for name in names:
-        if name.count("/") == 1 and name.endswith(".dist-info/entry_points.txt"):
-            parser.read_string(archive.read(name).decode())
-    return parser
-
-
 def oversize_warning(target: Target, wheel: ModelWheel) -> str | None:
     if not target.is_pypi or wheel.size <= PYPI_FILE_LIMIT:
         return None
@@ -204,15 +148,26 @@ def oversize_warning(target: Target, wheel: ModelWheel) -> str | None:
     )
 
 
-def is_published(target: Target, wheel: ModelWheel) -> bool:
-    """True when the index has this exact file; raises when it has the name with other bytes."""
-    published = _published_sha256(target, wheel)
-    if published is None:
+def check_before_upload(target: Target, wheels: list[ModelWheel]) -> list[tuple[ModelWheel, bool]]:
+    """Each wheel, and whether the index has it already; raises before anything is sent.
+
+    The index is asked first, so that one which is down fails in seconds rather than after hashing
+    gigabytes; then every wheel is verified, since a damaged one would stay on the index for good.
+    A name the index has with other bytes is refused: a released file never changes.
+    """
+    released = [_published_sha256(target, wheel) for wheel in wheels]
+    for wheel in wheels:
+        verify(wheel)
+    return [(wheel, _is_the_released_file(target, wheel, sha256)) for wheel, sha256 in zip(wheels, released)]
+
+
+def _is_the_released_file(target: Target, wheel: ModelWheel, released: str | None) -> bool:
+    if released is None:
         return False
-    if published != wheel.sha256:
+    if released != wheel.sha256:
         raise AlreadyReleasedError(
             f"{target.upload_url} already has {wheel.path.name} with different content "
-            f"(sha256 {published[:12]}..., yours {wheel.sha256[:12]}...). A released file never "
+            f"(sha256 {released[:12]}..., yours {wheel.sha256[:12]}...). A released file never "
             "changes: wrap again with a new --version and publish that."
         )
     return True

