@@ -349,6 +349,7 @@ def test_pypi_uploads_over_its_file_limit_are_warned_about():
 # --- Verification before the first upload: a damaged wheel would stay on a non-volatile index for good ----
 
 WEIGHTS = "tiny_model/weights.bin"
+RECORD = "tiny_model-0.1.0.dist-info/RECORD"
 
 
 def rewritten(wheel: Path, out: Path, changes: dict[str, bytes | None], record: bool = True) -> Path:
@@ -425,10 +426,13 @@ def test_a_damaged_wheel_stops_the_whole_batch_and_the_index_is_unchanged(devpi,
     renamed.write_bytes(wheel.read_bytes())
     cases = [
         (flip_a_byte(wheel, WEIGHTS, tmp_path / "flipped" / wheel.name), f"{WEIGHTS} cannot be read (Bad CRC-32"),
+        (flip_a_byte(wheel, RECORD, tmp_path / "flipped-record" / wheel.name), f"{RECORD} cannot be read (Bad CRC-32"),
         (rewritten(wheel, tmp_path / "unrecorded" / wheel.name, {WEIGHTS: other_weights}, record=False),
          f"{WEIGHTS} does not match its sha256 and size in RECORD"),
         (rewritten(wheel, tmp_path / "extra" / wheel.name, {"tiny_model/extra.py": b"x = 1\n"}, record=False),
-         "tiny_model/extra.py is in the wheel or in RECORD, but not in both"),
+         "tiny_model/extra.py is not in RECORD"),
+        (rewritten(wheel, tmp_path / "lacking" / wheel.name, {"tiny_model/__init__.py": None}, record=False),
+         "RECORD lists tiny_model/__init__.py, which the wheel lacks"),
         (rewritten(wheel, tmp_path / "recorded" / wheel.name, {WEIGHTS: other_weights}),
          f"{WEIGHTS} does not match its sha256 and size in tiny_model/nnwheel.json"),
         (renamed, "METADATA says tiny-model 0.1.0, the file name tiny-model 0.2.0"),

