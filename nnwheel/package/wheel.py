@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -69,17 +70,16 @@ def build_wheel(
     build_data = _build_data(builder)
     with builder.config.set_build_data(build_data):
         files = list(builder.recurse_included_files())
-    target = out_dir / f"{builder.artifact_project_id}-{build_data['tag']}.whl"
     sources = [streamed_paths.get(os.path.realpath(included.path)) for included in files]
     split = 1 + max((i for i, source in enumerate(sources) if source is not None), default=-1)  # after the last
     total_bytes = sum(os.path.getsize(included.path) for included in files)
     hashes: dict[Path, str] = {}
     try:
-        with _atomic_output(target) as output:
+        with _atomic_output(out_dir) as output:
             with (
-                StreamingWheelArchive(output, builder.artifact_project_id) as archive,
+                StreamingWheelArchive(output.file) as archive,
                 RecordFile() as records,
-                Progress(total_bytes, f"writing {target.name}") as progress,
+                Progress(total_bytes, f"writing {_wheel_name(builder, build_data)}") as progress,
             ):
                 for included, source in zip(files[:split], sources[:split]):
                     row, sha256 = archive.add_file(included, progress, streamed[source] if source else None)
@@ -89,16 +89,22 @@ def build_wheel(
                 if complete is not None:
                     if not complete(hashes):
                         raise _Discarded
-                    builder = _hatchling_builder(project_dir)  # its metadata, from the README just written
+                    builder = _hatchling_builder(project_dir)  # its metadata, from the files just written
                 for included in files[split:]:
                     records.write(archive.add_file(included, progress)[0])
                 # hatchling's own code writes METADATA, WHEEL, entry_points.txt and licenses/, in its order.
+                archive.metadata_directory = f"{builder.artifact_project_id}.dist-info"
                 builder.write_metadata(archive, records, build_data)
                 records.write((f"{archive.metadata_directory}/RECORD", "", ""))
                 archive.write_metadata("RECORD", records.construct())
+            output.name = _wheel_name(builder, build_data)
     except _Discarded:  # removed by _atomic_output
         return None
-    return target
+    return out_dir / output.name
+
+
+def _wheel_name(builder: WheelBuilder, build_data: dict[str, Any]) -> str:
+    return f"{builder.artifact_project_id}-{build_data['tag']}.whl"
 
 
 class _Discarded(Exception):
@@ -140,9 +146,16 @@ def _build_data(builder: WheelBuilder) -> dict[str, Any]:
     return build_data
 
 
+@dataclass
+class _Output:
+    file: BinaryIO
+    name: str = ""  # the file's name in its directory, set once the content (and so the version) is known
+
+
 @contextmanager
-def _atomic_output(target: Path) -> Iterator[BinaryIO]:
-    """Yield a file open for writing beside target; on success it becomes target, on any error it is removed.
+def _atomic_output(directory: Path) -> Iterator[_Output]:
+    """Yield a file open for writing in directory; on success it takes the name set on the output, on any
+    error it is removed.
 
     Where the system allows it (Linux's O_TMPFILE), the file has no name until it is complete: a wrap ended
     by a signal no code can handle (SIGKILL, the out-of-memory killer, or SIGBUS when the checkpoint is cut
@@ -152,29 +165,30 @@ def _atomic_output(target: Path) -> Iterator[BinaryIO]:
     (auto_da_alloc) start writing it all back to disk when it is closed, a third of a second per GiB.
     """
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = _new_file_beside(target)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, partial = _new_file_in(directory)
     except OSError as error:
         raise OutputError(
-            f"cannot write the wheel into {target.parent}: {error.strerror}. "
+            f"cannot write the wheel into {directory}: {error.strerror}. "
             "Choose a directory you can write to, or fix its permissions."
         ) from error
+    output = _Output(os.fdopen(fd, "w+b"))
     try:
-        with os.fdopen(fd, "w+b") as file:
-            yield file
+        with output.file:
+            yield output
             if partial is None:  # named only now, complete
-                file.flush()
-                name = target.parent / f".{target.name}.{secrets.token_hex(8)}.part"
-                _name_unnamed_file(file.fileno(), name)
+                output.file.flush()
+                name = directory / f".{output.name}.{secrets.token_hex(8)}.part"
+                _name_unnamed_file(output.file.fileno(), name)
                 partial = name  # ours to remove only once the link made it
         normalize_artifact_permissions(str(partial))
-        os.replace(partial, target)
+        os.replace(partial, directory / output.name)
     except BaseException as error:
         if partial is not None:
             partial.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
-                f"no space left to write {target}: free some space or choose another output directory."
+                f"no space left to write a wheel in {directory}: free some space or choose another output directory."
             ) from error
         raise
 
@@ -189,24 +203,24 @@ def _name_unnamed_file(fd: int, path: Path) -> None:
         os.close(directory)
 
 
-def _new_file_beside(target: Path) -> tuple[int, Path | None]:
-    """A new file in target's directory, open for reading and writing: without a name (None) where the
-    system and its file system allow it, else a hidden .part file."""
+def _new_file_in(directory: Path) -> tuple[int, Path | None]:
+    """A new file in directory, open for reading and writing: without a name (None) where the system and
+    its file system allow it, else a hidden .part file."""
     if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
         try:
-            return os.open(target.parent, os.O_TMPFILE | os.O_RDWR, 0o666), None
+            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o666), None
         except OSError as error:
             if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # an unsupported file system
                 raise
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".nnwheel-", suffix=".whl.part")
     return fd, Path(name)
 
 
 class StreamingWheelArchive:
     """A wheel zip with hatchling's entry layout; stands in for hatchling's WheelArchive."""
 
-    def __init__(self, output: BinaryIO, project_id: str) -> None:
-        self.metadata_directory = f"{project_id}.dist-info"
+    def __init__(self, output: BinaryIO) -> None:
+        self.metadata_directory = ""  # set before the metadata is written, once the project's name is final
         # SOURCE_DATE_EPOCH (default 2020-02-02), clamped to 1980 as zip requires: hatchling's rule.
         self.time_tuple = WheelArchive.get_reproducible_time_tuple()
         self._zip = zipfile.ZipFile(output, "w", compression=zipfile.ZIP_DEFLATED)
