@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import logging
 import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -138,7 +140,22 @@ def _run_wrap(args: argparse.Namespace) -> None:
         source_dir=args.source_dir,
         to=args.to,
     )
-    print(wrap(request))
+    with _notes_on_stderr(logging.getLogger("nnwheel.wrap")):
+        print(wrap(request))
+
+
+@contextlib.contextmanager
+def _notes_on_stderr(logger: logging.Logger) -> Iterator[None]:
+    """What a command found out by itself (the class a state_dict fits, ...), as `note:` lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _add_inspect(commands: argparse._SubParsersAction) -> None:

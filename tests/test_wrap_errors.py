@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from conftest import EXAMPLE
 
 from nnwheel.cli import main
@@ -164,7 +165,12 @@ def test_invalid_version(tmp_path, capsys):
 
 
 def test_missing_input_schema(tmp_path, capsys):
-    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--arch", ARCH)
+    """A first layer that does not say the input's shape (here a BatchNorm1d, which takes 2 or 3 dimensions)."""
+    arch = tmp_path / "normed.py"
+    arch.write_text("from torch import nn\n\nclass Normed(nn.Sequential):\n"
+                    "    def __init__(self):\n        super().__init__(nn.BatchNorm1d(4), nn.Linear(4, 2))\n")
+    torch.save(nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).state_dict(), tmp_path / "normed.pth")
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "normed.pth", "--name", "m", "--arch", f"{arch}:Normed")
     assert "--input-shape" in line
 
 
@@ -174,7 +180,9 @@ def test_input_shape_that_does_not_fit_the_model(tmp_path, capsys):
 
 
 def test_state_dict_without_arch(tmp_path, capsys):
-    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--input-shape", "-1,64")
+    """Without --arch, the class is looked for beside the checkpoint (tests/test_discover.py); here there is none."""
+    (tmp_path / "model.pth").write_bytes((EXAMPLE / "model.pth").read_bytes())
+    line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "model.pth", "--name", "m", "--input-shape", "-1,64")
     assert "--arch FILE.py:CLASS" in line
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from .. import __version__
+from ..errors import SchemaError
 from ..manifest import Arch, Manifest, Source
 from ..schema import (
     free_where_different,
@@ -14,7 +16,7 @@ from ..schema import (
     output_schema,
 )
 from ..sources.checkpoint import check_unchanged
-from ..sources.source import ModelSource
+from ..sources.source import ModelSource, no_input_schema
 from ..sources.versions import torch_version
 from .plan import WheelPlan
 from .project import Project
@@ -55,7 +57,7 @@ def complete_package(
         manifest = replace(manifest, inputs=keras_inputs(project.package))
         write_manifest(project.package, manifest)
     if source.outputs is None:
-        manifest = _with_outputs(manifest, project, trial, example)
+        manifest = _with_outputs(manifest, source, project, trial, example)
         write_manifest(project.package, manifest)
     elif source.run_at_wrap:
         real_run(project.package, example or zeros_for(manifest))  # proof that it runs
@@ -76,15 +78,35 @@ def _arch(source: ModelSource, trial: Trial) -> Arch | None:
     )
 
 
-def _with_outputs(manifest: Manifest, project: Project, trial: Trial, example: list | None) -> Manifest:
+def _with_outputs(
+    manifest: Manifest, source: ModelSource, project: Project, trial: Trial, example: list | None
+) -> Manifest:
     """The output schema: the run without weights', else the real run's (on zeros, and once more with other
     free sizes where inner dimensions are free: output dimensions that follow them are free too)."""
     schema = trial.schema
     if schema is None:
         project.write_tensors()
         batched = is_batched(manifest.inputs)
-        schema = output_schema(real_run(project.package, example or zeros_for(manifest)), batched)
+        size = source.input_guess.trial_size if source.input_guess else 2
+        schema = output_schema(_run(source, project, example or zeros_for(manifest, free=size)), batched)
         if example is None and has_free_inner_dims(manifest.inputs):
-            other = real_run(project.package, zeros_for(manifest, free=3))
+            other = _run(source, project, zeros_for(manifest, free=size + 1))
             schema = free_where_different(schema, output_schema(other, batched))
     return replace(manifest, outputs=schema.specs, output_structure=schema.structure)
+
+
+def _run(source: ModelSource, project: Project, example: list) -> Any:
+    """The real run; where the inputs were read from the model's first layer, its failure means they were not
+    the model's, and wrap asks for them as it would have without the guess."""
+    if source.input_guess is None:
+        return real_run(project.package, example)
+    try:
+        return real_run(project.package, example)
+    except SchemaError as error:
+        raise no_input_schema(
+            source.checkpoint, f" (its first layer, {source.input_guess.layer}, took {_shapes(source)}, but {error})"
+        ) from None
+
+
+def _shapes(source: ModelSource) -> str:
+    return ", ".join(f"{spec.dtype} ({', '.join('any' if d == -1 else str(d) for d in spec.shape)})" for spec in source.inputs)

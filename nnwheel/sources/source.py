@@ -34,6 +34,15 @@ class SourceOptions:
 
 
 @dataclass(frozen=True)
+class InputGuess:
+    """An input schema no option gave, read from the model's first layer: the trial run confirms it, or wrap asks
+    for --input-shape (package/complete.py)."""
+
+    layer: str  # what it was read from, for messages: "layers.0, Linear(in_features=64, ...)"
+    trial_size: int = 2  # the free dimensions' size in the trial's zero inputs: convolutions need room for their kernels
+
+
+@dataclass(frozen=True)
 class ProgramFile:
     """A file that goes into the package as it is (a hard link where possible)."""
 
@@ -55,6 +64,7 @@ class ModelSource:
     outputs: OutputSchema | None = None  # where the file tells them; otherwise the trial run finds them
     run_at_wrap: bool = True  # False for a large program whose file gives its outputs: it is not loaded at all
     read_with_torch: bool = False  # its tensors were listed by torch.load (so torch is imported already)
+    input_guess: InputGuess | None = None  # where `inputs` were read from the model, not given
 
     @property
     def weights_size(self) -> int:
@@ -69,7 +79,13 @@ def declared_inputs(checkpoint: Checkpoint, options: SourceOptions) -> tuple[Ten
         return tuple(specs_from_example(options.example))
     if options.input_specs:
         return options.input_specs
-    raise UsageError(
-        f"the input schema of {checkpoint.path.name} cannot be read from a {checkpoint.format.value} file: "
+    raise no_input_schema(checkpoint)
+
+
+def no_input_schema(checkpoint: Checkpoint, tried: str = "") -> UsageError:
+    """The request for --input-shape, where neither the file nor the options give the input schema (and the
+    one read from the model, `tried`, did not run)."""
+    return UsageError(
+        f"the input schema of {checkpoint.path.name} cannot be read from a {checkpoint.format.value} file{tried}: "
         "give --input-shape (e.g. -1,784) with --input-dtype, or --example FILE (.npy or .pt)"
     )

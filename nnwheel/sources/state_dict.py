@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import CheckpointError, UsageError, first_line
-from .arch import check_local_imports, third_party_requirements
+from ..schema import TensorSpec
+from .arch import ArchSpec, build_on_meta, check_local_imports, third_party_requirements
 from .checkpoint import Checkpoint, Format
-from .source import ModelSource, SourceOptions, declared_inputs
+from .discover import find_arch, imported_class
+from .first_layer import guess_inputs
+from .source import (
+    InputGuess,
+    ModelSource,
+    SourceOptions,
+    declared_inputs,
+    no_input_schema,
+)
 from .tensor_table import read_tensor_table
 from .tensors import MemoryTensor, StoredTensor, Tensor
 
@@ -149,19 +158,27 @@ def read_state_dict(checkpoint: Checkpoint, options: SourceOptions) -> ModelSour
         tensors: dict[str, Tensor] = without_prefix(table, options.strip_prefix)
     else:
         tensors = _listed_by_torch(checkpoint, options.state_dict_key, options.strip_prefix)
-    if options.arch is None:
-        raise UsageError(
-            f"{checkpoint.path} holds only weights ({checkpoint.format.value}); say which class they belong to "
-            "with --arch FILE.py:CLASS (and --arch-kwargs JSON if its constructor needs arguments)"
-        )
-    inputs = declared_inputs(checkpoint, options)
-    check_local_imports(options.arch)
-    requirements = (
-        f"torch>={_STATE_DICT_TORCH}", "safetensors>=0.4.3", "numpy>=1.22", *third_party_requirements(options.arch)
-    )
+    arch = options.arch or find_arch(checkpoint.path, tensors)
+    check_local_imports(arch)
+    inputs, guess = _inputs(checkpoint, options, arch, tensors)
+    requirements = (f"torch>={_STATE_DICT_TORCH}", "safetensors>=0.4.3", "numpy>=1.22", *third_party_requirements(arch))
     return ModelSource(
-        checkpoint, "torch", requirements, inputs, tensors=tensors, arch=options.arch, read_with_torch=table is None
+        checkpoint, "torch", requirements, inputs, tensors=tensors, arch=arch, read_with_torch=table is None,
+        input_guess=guess,
     )
+
+
+def _inputs(
+    checkpoint: Checkpoint, options: SourceOptions, arch: ArchSpec, tensors: Mapping[str, Tensor]
+) -> tuple[tuple[TensorSpec, ...], InputGuess | None]:
+    """The input schema the options give; without one, what the model's first layer says (which costs importing
+    torch and the class here, so a large state_dict given --input-shape keeps its wrap without torch)."""
+    if options.example is not None or options.input_specs:
+        return declared_inputs(checkpoint, options), None
+    guessed = guess_inputs(build_on_meta(imported_class(arch), arch), tensors)
+    if guessed is None:
+        raise no_input_schema(checkpoint)
+    return guessed
 
 
 def _listed_by_torch(checkpoint: Checkpoint, key: str | None, strip_prefix: str | None) -> dict[str, Tensor]:
