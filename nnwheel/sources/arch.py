@@ -60,7 +60,12 @@ def imported_modules(source: Path) -> set[str]:
     files = sorted(source.rglob("*.py")) if source.is_dir() else [source]
     names: set[str] = set()
     for file in files:
-        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        except SyntaxError as error:
+            raise ArchitectureError(
+                f"{file} is not valid Python (line {error.lineno}: {error.msg}); fix it, then wrap again"
+            ) from None
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
