@@ -6,6 +6,10 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -61,15 +65,46 @@ def test_a_region_past_the_end_is_refused_before_reading(data):
 
 
 def test_a_file_cut_short_between_windows(data, tmp_path):
+    """A file that is open for writing gets no lease: cut short between two windows, the next one is refused."""
+    path, content = data
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(content)
+    with copy.open("r+b") as file:
+        chunks = mapped_chunks(copy)
+        assert len(next(chunks)) == WINDOW_BYTES  # not read again: its pages past the new end would be gone
+        file.truncate(WINDOW_BYTES + 10)
+        with pytest.raises(CheckpointError, match="ended early"):
+            next(chunks)
+
+
+def test_a_writer_waits_until_the_mapped_windows_are_read(data, tmp_path):
+    """Another process that truncates the file waits on the lease: the window being read keeps its pages (no
+    SIGBUS), the next window is refused, and the truncation goes ahead once the mappings are gone."""
     path, content = data
     copy = tmp_path / "copy.bin"
     copy.write_bytes(content)
     chunks = mapped_chunks(copy)
-    assert len(next(chunks)) == WINDOW_BYTES  # not read again: its pages past the new end would be gone
-    with copy.open("r+b") as file:
-        file.truncate(WINDOW_BYTES + 10)
-    with pytest.raises(CheckpointError, match="ended early"):
-        next(chunks)
+    first = next(chunks)
+    cutter = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({str(copy)!r}, 10)"])
+    try:
+        _wait_for_lease_break(copy)
+        assert bytes(first[-4:]) == content[WINDOW_BYTES - 4 : WINDOW_BYTES]
+        with pytest.raises(CheckpointError, match="is being written while it is read"):
+            next(chunks)
+        del first
+        assert cutter.wait(10) == 0
+    finally:
+        cutter.kill()
+    assert copy.stat().st_size == 10
+
+
+def _wait_for_lease_break(path):
+    """Until the kernel shows the file's lease as breaking: a writer is waiting for it."""
+    inode = f":{path.stat().st_ino} "
+    deadline = time.monotonic() + 10
+    while not any(inode in line and "BREAKING" in line for line in Path("/proc/locks").read_text().splitlines()):
+        assert time.monotonic() < deadline, "the truncation never asked for the lease"
+        time.sleep(0.01)
 
 
 def test_sha256_of(data):
