@@ -125,11 +125,11 @@ def _check_source_dir(source_dir: Path | None) -> None:
 
 
 def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create the output directory {out_dir} ({error.strerror}); choose another --out") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
+    """Whether the wheel can go into out_dir; the writer creates it only then, so a failed wrap leaves none."""
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the output directory {out_dir} ({existing} is a file); choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to the output directory {out_dir}; choose another --out")
 
 
