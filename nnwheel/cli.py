@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import NnwheelError
+from .package.parts import DEFAULT_MAX_FILE_SIZE
 from .serving.commands import add_commands as serving_commands
 from .share.commands import add_commands as share_commands
 
@@ -72,7 +73,8 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
         "wrap",
         help="turn a checkpoint into an installable model wheel",
         description="Turn a trained model (PyTorch, ONNX or Keras) into a wheel that `pip install` installs and "
-        "`from NAME import predict` runs. Prints the wheel's path as the last line.",
+        "`from NAME import predict` runs. Prints the path of each wheel written: its weight parts, if any, "
+        "then the model's own wheel as the last line.",
         epilog="example: nnwheel wrap model.pth --name mnist-mlp --arch model.py:MLP --input-shape -1,784",
     )
     # Shapes such as -1,784 start with "-": let argparse read them as values, not as options.
@@ -107,11 +109,17 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
     meta.add_argument("--author", help="author name")
     meta.add_argument("--source-dir", type=Path, metavar="DIR",
                       help="also write the generated hatchling project here (python -m build rebuilds the wheel)")
+    meta.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE",
+                      help="largest wheel file, e.g. 100MB or 2GiB; a state_dict's weights beyond it go into "
+                      "weight-part wheels the model's wheel requires, shared between versions whose tensors are "
+                      "the same; none: one wheel (default: %(default)s, PyPI's limit; --to onnx and --source-dir "
+                      "give one wheel)")
     wrap.set_defaults(run=_run_wrap)
 
 
 def _run_wrap(args: argparse.Namespace) -> None:
     from .errors import UsageError
+    from .package.parts import parse_max_file_size
     from .schema import parse_dtype, parse_shape, specs_from_shapes
     from .sources.arch import parse_arch
     from .wrap import WrapRequest, wrap
@@ -139,9 +147,11 @@ def _run_wrap(args: argparse.Namespace) -> None:
         strip_prefix=args.strip_prefix,
         source_dir=args.source_dir,
         to=args.to,
+        max_file_size=parse_max_file_size(args.max_file_size),
     )
     with _notes_on_stderr(logging.getLogger("nnwheel.wrap")):
-        print(wrap(request))
+        for wheel in wrap(request):  # the model's own wheel last
+            print(wheel)
 
 
 @contextlib.contextmanager

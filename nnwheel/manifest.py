@@ -20,6 +20,31 @@ class WeightsFile:
 
 
 @dataclass(frozen=True)
+class WeightsPart:
+    """A wheel of its own that holds some of the model's tensors (a model split within an index's file limit).
+
+    Its version is its content's: the same tensors give the same part, which pip then neither downloads
+    nor installs again for another version of the model.
+    """
+
+    distribution: str
+    import_name: str  # the part's package, found through importlib
+    version: str
+    path: str  # its safetensors file, inside that package
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class SplitTensor:
+    """A tensor larger than a part: its bytes, in order, are the pieces NAME#0, NAME#1, ... of the parts."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: int
+
+
+@dataclass(frozen=True)
 class Source:
     name: str  # the checkpoint's file name, not its path: the wheel must not depend on where it was built
     sha256: str
@@ -50,6 +75,8 @@ class Manifest:
     nnwheel_version: str
     torch_version: str | None = None
     arch: Arch | None = None
+    parts: tuple[WeightsPart, ...] = ()
+    split_tensors: dict[str, SplitTensor] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = {"manifest_version": MANIFEST_VERSION, **asdict(self)}
@@ -69,10 +96,15 @@ class Manifest:
             arch["class_name"] = arch.pop("class")
             arch["non_persistent_buffers"] = tuple(arch["non_persistent_buffers"])
         return cls(
-            **{k: v for k, v in data.items() if k not in ("weights", "inputs", "outputs", "source")},
+            **{k: v for k, v in data.items() if k not in ("weights", "inputs", "outputs", "source", "parts", "split_tensors")},
             weights=tuple(WeightsFile(**w) for w in data["weights"]),
             inputs=tuple(TensorSpec.from_json(s) for s in data["inputs"]),
             outputs=tuple(TensorSpec.from_json(s) for s in data["outputs"]),
             source=Source(**data["source"]),
             arch=Arch(**arch) if arch is not None else None,
+            parts=tuple(WeightsPart(**part) for part in data.get("parts", ())),
+            split_tensors={
+                name: SplitTensor(split["dtype"], tuple(split["shape"]), split["pieces"])
+                for name, split in data.get("split_tensors", {}).items()
+            },
         )

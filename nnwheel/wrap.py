@@ -16,19 +16,19 @@ from pathlib import Path
 
 from .errors import OutputError, UsageError
 from .filemap import sha256_of
-from .manifest import Manifest
+from .manifest import Manifest, WeightsPart
 from .package.complete import complete_package
 from .package.convert import convert_to_onnx
 from .package.details import PackageDetails, check_details, project_metadata
 from .package.plan import plan_package
 from .package.project import Project, lay_out
 from .package.trial import Trial
-from .package.write import write_wheel
+from .package.write import write_wheels
 from .schema import TensorSpec, load_example
 from .sources import read_source
 from .sources.arch import ArchSpec
 from .sources.checkpoint import Checkpoint, Format, read_checkpoint
-from .sources.source import ModelSource, SourceOptions
+from .sources.source import ModelSource, SourceOptions, is_large
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,20 @@ class WrapRequest:
     strip_prefix: str | None = None
     source_dir: Path | None = None
     to: str | None = None  # "onnx": convert a PyTorch model at wrap time
+    max_file_size: int | None = None  # bytes per wheel file; larger weights are split into part wheels
 
 
-def wrap(request: WrapRequest) -> Path:
+def wrap(request: WrapRequest) -> list[Path]:
+    """The wheels of the model: its weight parts, if any, then the model's own (the last)."""
     details = check_details(
         request.name, request.version, request.requires, request.summary, request.license, request.author,
         request.readme,
     )
     source, example = _read_source(request)
-    plan = plan_package(source, details.names, details.version, project_metadata(details, source)).wheels[0]
+    # --to onnx and --source-dir read the finished package before the wheel is written: one wheel.
+    finish_first = request.to is not None or request.source_dir is not None
+    max_file_size = None if finish_first else request.max_file_size
+    plan = plan_package(source, details.names, details.version, project_metadata(details, source), max_file_size)
     try:
         with (
             tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp,
@@ -67,16 +72,18 @@ def wrap(request: WrapRequest) -> Path:
             checkpoint_sha256 = None
             if source.tensors is not None:
                 checkpoint_sha256 = background.submit(sha256_of, source.checkpoint.path, progress=False).result
-            project = lay_out(plan, Path(tmp) / "project")
-            with Trial(project.package, source, example) as trial:
-                complete = partial(complete_package, plan, source, project, trial, example, checkpoint_sha256)
-                finish_first = request.to is not None or request.source_dir is not None
+            projects = [lay_out(wheel, Path(tmp) / wheel.names.distribution) for wheel in plan.wheels]
+            with Trial(projects[-1].package, source, example) as trial:
+                complete = partial(complete_package, plan, projects, trial, example, checkpoint_sha256)
                 if source.tensors is not None:
-                    project.lay_out_tensors(trial.fit_to_lay_out(wait=finish_first))
-                if finish_first:  # --to onnx and --source-dir read the finished package
-                    project = _finished(project, complete(), request, details, example, Path(tmp))
+                    fit = trial.fit_to_lay_out(wait=finish_first)
+                    for project in projects:
+                        if project.tensors is not None:
+                            project.lay_out_tensors(fit, deferred=is_large(source.weights_size))
+                if finish_first:
+                    projects = [_finished(projects[-1], complete(()), request, details, example, Path(tmp))]
                     complete = _nothing_left
-                return write_wheel(project, trial, request.out_dir, complete)
+                return write_wheels(projects, trial, request.out_dir, complete)
     except OSError as error:
         raise OutputError(
             f"writing the package failed ({error}); check the free space in {tempfile.gettempdir()} "
@@ -107,7 +114,7 @@ def _finished(
     return project
 
 
-def _nothing_left() -> None:
+def _nothing_left(parts: tuple[WeightsPart, ...]) -> None:
     """The completion of a package finished before its wheel is written."""
 
 
@@ -120,7 +127,11 @@ def _check_conversion(checkpoint: Checkpoint, to: str | None) -> None:
 
 
 def _check_source_dir(source_dir: Path | None) -> None:
-    if source_dir is not None and source_dir.exists() and any(source_dir.iterdir()):
+    if source_dir is None or not source_dir.exists():
+        return
+    if not source_dir.is_dir():
+        raise OutputError(f"--source-dir {source_dir} is a file, not a directory; give a new or empty directory")
+    if any(source_dir.iterdir()):
         raise OutputError(f"--source-dir {source_dir} is not empty; give a new or empty directory")
 
 

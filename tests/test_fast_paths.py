@@ -358,13 +358,13 @@ def test_weights_streamed_into_the_wheel_give_the_same_wheel(tmp_path, tagger, m
         tmp_path / "model.pth", "streamed", arch=parse_arch(f"{arch_file}:{class_name}", None, []),
         input_specs=tuple(specs),
     )
-    plain = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
+    (plain,) = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
 
     writes = []
     original_write = DeferredWeights.write
     monkeypatch.setattr(DeferredWeights, "write", lambda self: (writes.append(self.path.name), original_write(self)))
     monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
-    streamed = wrap_in_process(replace(request, out_dir=tmp_path / "streamed"))
+    (streamed,) = wrap_in_process(replace(request, out_dir=tmp_path / "streamed"))
 
     assert streamed.read_bytes() == plain.read_bytes()
     assert writes == ([] if class_name == "Tagger" else ["model.safetensors"])
@@ -503,9 +503,9 @@ def wheels_both_ways(monkeypatch, request) -> tuple[bytes, bytes, int]:
     completions = []
     original_fit = meta_run.MetaRun.fit
     monkeypatch.setattr(meta_run.MetaRun, "fit", lambda run: completions.append(1) or original_fit(run))
-    from_table = wrap_module.wrap(replace(request, out_dir=request.out_dir / "table")).read_bytes()
+    (from_table,) = (w.read_bytes() for w in wrap_module.wrap(replace(request, out_dir=request.out_dir / "table")))
     monkeypatch.setattr(state_dict_module, "read_tensor_table", lambda checkpoint: None)
-    through_torch = wrap_module.wrap(replace(request, out_dir=request.out_dir / "torch")).read_bytes()
+    (through_torch,) = (w.read_bytes() for w in wrap_module.wrap(replace(request, out_dir=request.out_dir / "torch")))
     return from_table, through_torch, len(completions)
 
 

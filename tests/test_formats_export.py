@@ -121,12 +121,12 @@ def _wrap_both_ways(tmp_path: Path, monkeypatch, checkpoint: Path) -> tuple[Path
     """The plain wheel (torch.export.load, a real run) and the large-program one (threshold 0), and the real
     runs the latter made."""
     request = WrapRequest(checkpoint, "exported")
-    plain = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
+    (plain,) = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
     runs = []
     real_run = trial.real_run
     monkeypatch.setattr(complete, "real_run", lambda *args: (runs.append(args), real_run(*args))[1])
     monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
-    large = wrap_in_process(replace(request, out_dir=tmp_path / "large"))
+    (large,) = wrap_in_process(replace(request, out_dir=tmp_path / "large"))
     return plain, large, runs
 
 

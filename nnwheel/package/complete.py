@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from .. import __version__
 from ..errors import SchemaError
-from ..manifest import Arch, Manifest, Source
+from ..manifest import Arch, Manifest, Source, WeightsPart
 from ..schema import (
     free_where_different,
     has_free_inner_dims,
@@ -18,25 +18,29 @@ from ..schema import (
 from ..sources.checkpoint import check_unchanged
 from ..sources.source import ModelSource, no_input_schema
 from ..sources.versions import torch_version
-from .plan import WheelPlan
+from .plan import PackagePlan, WheelPlan, split_tensors
 from .project import Project
-from .render import write_manifest, write_model_card
+from .render import pyproject_text, write_manifest, write_model_card
 from .trial import Trial, keras_inputs, real_run, zeros_for
 
 
 def complete_package(
-    plan: WheelPlan, source: ModelSource, project: Project, trial: Trial, example: list | None,
-    checkpoint_sha256: Callable[[], str] | None,
+    plan: PackagePlan, projects: Sequence[Project], trial: Trial, example: list | None,
+    checkpoint_sha256: Callable[[], str] | None, parts: tuple[WeightsPart, ...],
 ) -> Manifest:
-    """Write the manifest and the model card; the real run goes first where the run without weights (or the
-    file) did not give the outputs. `checkpoint_sha256` is that of a checkpoint converted to safetensors;
-    a program's file goes in as it is, and its sha256 is its weights file's."""
+    """Write the manifest and the model card (and, with weight parts, the pyproject.toml that pins them);
+    the real run goes first where the run without weights (or the file) did not give the outputs.
+    `checkpoint_sha256` is that of a checkpoint converted to safetensors; a program's file goes in as it
+    is, and its sha256 is its weights file's."""
+    source, wheel, project = plan.source, plan.model, projects[-1]
     check_unchanged(source.checkpoint)
+    if parts:
+        _write_pinned_pyproject(project, wheel, parts)
     weights = project.weight_files()
     manifest = Manifest(
-        name=plan.names.distribution,
-        import_name=plan.names.import_name,
-        version=plan.version,
+        name=wheel.names.distribution,
+        import_name=wheel.names.import_name,
+        version=wheel.version or "",
         format=source.checkpoint.format.value,
         runtime=source.runtime,
         weights=weights,
@@ -51,18 +55,27 @@ def complete_package(
         nnwheel_version=__version__,
         torch_version=None if source.runtime == "onnxruntime" else torch_version(),
         arch=_arch(source, trial),
+        parts=parts,
+        split_tensors=split_tensors(plan, trial.fit()) if parts else {},
     )
     write_manifest(project.package, manifest)
     if source.runtime == "keras":
         manifest = replace(manifest, inputs=keras_inputs(project.package))
         write_manifest(project.package, manifest)
     if source.outputs is None:
-        manifest = _with_outputs(manifest, source, project, trial, example)
+        manifest = _with_outputs(manifest, source, projects, trial, example)
         write_manifest(project.package, manifest)
     elif source.run_at_wrap:
         real_run(project.package, example or zeros_for(manifest))  # proof that it runs
-    write_model_card(project.root, manifest, plan.metadata)
+    write_model_card(project.root, manifest, wheel.metadata)
     return manifest
+
+
+def _write_pinned_pyproject(project: Project, wheel: WheelPlan, parts: tuple[WeightsPart, ...]) -> None:
+    pins = tuple(f"{part.distribution}=={part.version}" for part in parts)
+    metadata = replace(wheel.metadata, requirements=(*wheel.metadata.requirements, *pins))
+    text = pyproject_text(wheel.names.distribution, wheel.version or "", wheel.names.import_name, metadata)
+    (project.root / "pyproject.toml").write_text(text, encoding="utf-8")
 
 
 def _arch(source: ModelSource, trial: Trial) -> Arch | None:
@@ -79,29 +92,32 @@ def _arch(source: ModelSource, trial: Trial) -> Arch | None:
 
 
 def _with_outputs(
-    manifest: Manifest, source: ModelSource, project: Project, trial: Trial, example: list | None
+    manifest: Manifest, source: ModelSource, projects: Sequence[Project], trial: Trial, example: list | None
 ) -> Manifest:
     """The output schema: the run without weights', else the real run's (on zeros, and once more with other
     free sizes where inner dimensions are free: output dimensions that follow them are free too)."""
     schema = trial.schema
     if schema is None:
-        project.write_tensors()
+        for project in projects:
+            project.write_tensors()
         batched = is_batched(manifest.inputs)
         size = source.input_guess.trial_size if source.input_guess else 2
-        schema = output_schema(_run(source, project, example or zeros_for(manifest, free=size)), batched)
+        schema = output_schema(_run(source, projects, example or zeros_for(manifest, free=size)), batched)
         if example is None and has_free_inner_dims(manifest.inputs):
-            other = _run(source, project, zeros_for(manifest, free=size + 1))
+            other = _run(source, projects, zeros_for(manifest, free=size + 1))
             schema = free_where_different(schema, output_schema(other, batched))
     return replace(manifest, outputs=schema.specs, output_structure=schema.structure)
 
 
-def _run(source: ModelSource, project: Project, example: list) -> Any:
-    """The real run; where the inputs were read from the model's first layer, its failure means they were not
-    the model's, and wrap asks for them as it would have without the guess."""
+def _run(source: ModelSource, projects: Sequence[Project], example: list) -> Any:
+    """The real run (the weight parts' packages importable meanwhile); where the inputs were read from the
+    model's first layer, its failure means they were not the model's, and wrap asks for them as it would
+    have without the guess."""
+    package, parts = projects[-1].package, [part.root for part in projects[:-1]]
     if source.input_guess is None:
-        return real_run(project.package, example)
+        return real_run(package, example, parts)
     try:
-        return real_run(project.package, example)
+        return real_run(package, example, parts)
     except SchemaError as error:
         raise no_input_schema(
             source.checkpoint, f" (its first layer, {source.input_guess.layer}, took {_shapes(source)}, but {error})"

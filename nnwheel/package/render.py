@@ -36,6 +36,22 @@ def write_manifest(package: Path, manifest: Manifest) -> None:
     (package / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
 
+def part_files(model: str, name: str) -> list[tuple[str, bytes]]:
+    """A weights part's package code and README.md: (name, bytes). Its pyproject.toml waits for its version."""
+    readme = Template((TEMPLATE_DIR / "part" / "README.md").read_text(encoding="utf-8")).substitute(model=model, name=name)
+    return [("__init__.py", (TEMPLATE_DIR / "part" / "__init__.py").read_bytes()), ("README.md", readme.encode())]
+
+
+def part_pyproject_text(model: str, name: str, version: str, import_name: str) -> str:
+    return Template((TEMPLATE_DIR / "part" / "pyproject.toml").read_text(encoding="utf-8")).substitute(
+        model=model,
+        name=json.dumps(name),
+        version=json.dumps(version),
+        summary=json.dumps(f"Weights of {model}, split off by nnwheel; {model} requires it"),
+        import_name=import_name,
+    )
+
+
 def write_model_card(project_dir: Path, manifest: Manifest, metadata: ProjectMetadata) -> None:
     """README.md: the model card, which becomes the wheel's description."""
     (project_dir / "README.md").write_text(model_card(manifest, metadata), encoding="utf-8")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,8 +81,9 @@ def _meta_build(package: Path, source: ModelSource) -> MetaBuild | None:
 
 
 @contextmanager
-def imported(package: Path) -> Iterator[Any]:
-    """The rendered package, imported under a private name as its users will import it."""
+def imported(package: Path, parts: Sequence[Path] = ()) -> Iterator[Any]:
+    """The rendered package, imported under a private name as its users will import it; the packages of
+    its weight parts (in `parts`, their projects' directories) importable meanwhile, as installed ones are."""
     name = f"_nnwheel_trial_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(name, package / "__init__.py", submodule_search_locations=[str(package)])
     assert spec is not None and spec.loader is not None
@@ -90,18 +91,21 @@ def imported(package: Path) -> Iterator[Any]:
     sys.modules[name] = module
     write_bytecode = sys.dont_write_bytecode
     sys.dont_write_bytecode = True  # no __pycache__ may end up in the package
+    sys.path[:0] = [str(root) for root in parts]
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.dont_write_bytecode = write_bytecode
-        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.path[: len(parts)]
+        names = (name, *(path.name for root in parts for path in root.iterdir() if path.is_dir()))
+        for key in [k for k in sys.modules if k.split(".")[0] in names]:
             del sys.modules[key]
 
 
-def real_run(package: Path, example: list) -> Any:
+def real_run(package: Path, example: list, parts: Sequence[Path] = ()) -> Any:
     """predict() of the rendered package, as users will call it."""
-    with imported(package) as module:
+    with imported(package, parts) as module:
         try:  # the package's own input checks first, so that only their complaints are called a misfit
             module._schema.prepare(tuple(example), module._MANIFEST["inputs"], module._BATCHED)
         except ValueError as error:

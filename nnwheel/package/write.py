@@ -1,36 +1,85 @@
-"""The last stage: the laid-out project written as its wheel, the package completed on the way.
+"""The last stage: the laid-out projects written as their wheels, the package completed on the way.
 
-Deferred tensors are streamed into the wheel from the checkpoint; `complete` runs once they are in, with
-their sha256s known, and writes what follows them in the wheel (the manifest) and the model card. Where
-the tensors' fit comes from the trial's child, it is known only then: the tensors went in as the source
-lists them, and in the rare case where the fit says the file holds others (a tie stored under another
-name, non-persistent buffers), the wheel is discarded and written once more, as the fit says.
+Deferred tensors are streamed into each wheel from the checkpoint. A weights part's version is set once its
+file is in (its content's); the model's wheel comes last, and `complete` runs as it starts, with every
+part's version and sha256 known: it writes the model's pyproject.toml, manifest and card. Where the
+tensors' fit comes from the trial's child, it is known only then: the tensors went in as the source lists
+them, and in the rare case where the fit says the files hold others (a tie stored under another name,
+non-persistent buffers), the wheels are discarded and written once more, as the fit says.
+
+The wheels are written into a hidden directory inside out_dir and moved into it together once all are
+complete, parts first: no directory an index is fed from ever holds a model's wheel without its parts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..errors import OutputError
+from ..manifest import WeightsPart
 from .project import Project
 from .trial import Trial
 from .wheel import build_wheel
 
-
-def write_wheel(project: Project, trial: Trial, out_dir: Path, complete: Callable[[], object]) -> Path:
-    while True:
-        wheel = build_wheel(project.root, out_dir, project.streamed(), lambda hashes: _completed(project, trial, hashes, complete))
-        if wheel is not None:
-            return wheel
-        project.lay_out_tensors(trial.fit())
+Complete = Callable[[tuple[WeightsPart, ...]], object]
 
 
-def _completed(project: Project, trial: Trial, hashes: dict[Path, str], complete: Callable[[], object]) -> bool:
-    """Complete the package; False where the tensors written are not those the fit asks for."""
-    if project.tensors is not None:
-        fit = trial.fit()
-        if project.fit is not fit and not fit.holds_as_listed(project.tensors.tensors):
-            return False
-    project.record_streamed(hashes)
-    complete()
+def write_wheels(projects: Sequence[Project], trial: Trial, out_dir: Path, complete: Complete) -> list[Path]:
+    """The wheels of `projects` (the parts, then the model), in out_dir; their paths, the model's last."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the output directory {out_dir} ({error.strerror}); choose another --out") from None
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".nnwheel-") as staging:
+        while (written := _write_all(projects, trial, Path(staging), complete)) is None:
+            for project in projects:
+                if project.tensors is not None:
+                    project.lay_out_tensors(trial.fit(), deferred=project.deferred is not None)
+        placed = []
+        for wheel in written:
+            os.replace(wheel, out_dir / wheel.name)
+            placed.append(out_dir / wheel.name)
+    return placed
+
+
+def _write_all(projects: Sequence[Project], trial: Trial, staging: Path, complete: Complete) -> list[Path] | None:
+    *parts, model = projects
+    written: list[Path] = []
+    for part in parts:
+        wheel = build_wheel(part.root, staging, part.streamed(), lambda hashes, part=part: _part_done(part, hashes))
+        assert wheel is not None, "a part's completion keeps its wheel"
+        written.append(wheel)
+    done = build_wheel(model.root, staging, model.streamed(), lambda hashes: _completed(projects, trial, hashes, complete))
+    if done is None:
+        for wheel in written:
+            wheel.unlink()
+        return None
+    return [*written, done]
+
+
+def _part_done(part: Project, hashes: dict[Path, str]) -> bool:
+    part.record_streamed(hashes)
+    part.set_version()
     return True
+
+
+def _completed(projects: Sequence[Project], trial: Trial, hashes: dict[Path, str], complete: Complete) -> bool:
+    """Complete the package; False where the tensors written are not those the fit asks for."""
+    tensors = [project for project in projects if project.tensors is not None]
+    if tensors:
+        fit = trial.fit()
+        if any(project.fit is not fit for project in tensors) and not fit.holds_as_listed(tensors[0].tensors.tensors):
+            return False
+    projects[-1].record_streamed(hashes)
+    complete(tuple(_weights_part(part) for part in projects[:-1]))
+    return True
+
+
+def _weights_part(part: Project) -> WeightsPart:
+    (weights,) = part.weight_files()
+    names = part.plan.names
+    assert part.version is not None, "a part's version is set once it is written"
+    return WeightsPart(names.distribution, names.import_name, part.version, weights.path, weights.sha256, weights.size)

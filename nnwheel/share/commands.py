@@ -145,7 +145,8 @@ def _run_publish(args: argparse.Namespace) -> None:
     from .index_files import default_dir
     from .model_wheel import read_model_wheel
 
-    wheels = [read_model_wheel(path) for path in args.wheels]
+    # Weight parts first: no index serves a model's wheel before the parts it requires.
+    wheels = sorted((read_model_wheel(path) for path in args.wheels), key=lambda wheel: not wheel.is_part)
     target = publish.resolve_target(args.index, args.user, args.password, default_dir())
     for wheel, published in publish.check_before_upload(target, wheels):
         if published:
@@ -156,5 +157,5 @@ def _run_publish(args: argparse.Namespace) -> None:
             print(f"warning: {warning}", file=sys.stderr)
         publish.upload(target, wheel)
         print(f"{wheel.path.name}: published to {target.upload_url}")
-    names = " ".join(sorted({wheel.project for wheel in wheels}))
+    names = " ".join(sorted({wheel.project for wheel in wheels if not wheel.is_part}))
     print(f"install with: pip install --index-url {target.simple_url} {names}")

@@ -36,9 +36,12 @@ from ..errors import DamagedWheelError, NotAModelWheelError, first_line
 from ..filemap import sha256_of
 from ..manifest import MANIFEST_NAME, WeightsFile
 from ..models import ENTRY_POINT_GROUP
+from ..package.parts import content_version
+from ..package.plan import PART_FILE
 from ..progress import Progress
 
 _NNWHEEL_JSON = re.compile(rf"[^/]+/{re.escape(MANIFEST_NAME)}")
+_PART_FILE = re.compile(rf"[^/]+/{re.escape(PART_FILE)}")
 _CHUNK = 1 << 20
 # A bad CRC or zip structure, a broken deflate stream, a member cut short.
 _UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError)
@@ -53,6 +56,7 @@ class ModelWheel:
     project: str  # canonical distribution name
     version: str
     size: int
+    is_part: bool = False  # a weights part of a model (see package/parts.py), which publish sends first
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -78,12 +82,18 @@ def read_model_wheel(path: Path) -> ModelWheel:
         raise NotAModelWheelError(
             f"{path} cannot be read as a wheel ({first_line(error)}); rebuild it with `nnwheel wrap`"
         ) from None
+    if len(_manifests(names)) == 0 and len(_part_files(names)) == 1:
+        return ModelWheel(path, str(project), str(version), path.stat().st_size, is_part=True)
     if len(_manifests(names)) != 1 or not entry_points.has_section(ENTRY_POINT_GROUP):
         raise NotAModelWheelError(
             f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
             "entry point in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"
         )
     return ModelWheel(path, str(project), str(version), path.stat().st_size)
+
+
+def _part_files(names: list[str]) -> list[str]:
+    return [name for name in names if _PART_FILE.fullmatch(name) and ".dist-info/" not in name]
 
 
 def _manifests(names: list[str]) -> list[str]:
@@ -107,7 +117,16 @@ def verify(wheel: ModelWheel) -> None:
             raise _damaged(wheel, "it holds a file name twice, so what installs is not what RECORD describes")
         dist_info = _check_metadata(wheel, archive, names)
         hashed = _check_record(wheel, archive, dist_info, _read_record(wheel, archive, dist_info))
-        _check_weights(wheel, archive, _manifests(names)[0], hashed)
+        if wheel.is_part:
+            _check_part(wheel, hashed[_part_files(names)[0]][0])
+        else:
+            _check_weights(wheel, archive, _manifests(names)[0], hashed)
+
+
+def _check_part(wheel: ModelWheel, digest: bytes) -> None:
+    """A weights part's version is its content's: other bytes under it would be another part's name."""
+    if Version(content_version(digest.hex())) != Version(wheel.version):
+        raise _damaged(wheel, f"its weights are not the ones its version {wheel.version} names")
 
 
 def _check_metadata(wheel: ModelWheel, archive: zipfile.ZipFile, names: list[str]) -> str:

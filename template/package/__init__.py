@@ -70,15 +70,15 @@ def predict(*inputs: Any, device: str | None = None) -> Any:
 def verify() -> None:
     """Re-hash every installed weights file against the manifest; raise IntegrityError on any difference."""
     import hashlib  # here, not at the top: it loads OpenSSL, a large share of `import` time otherwise
-    for entry in _MANIFEST["weights"]:
+    for entry, resource in _weights_files():
         digest = hashlib.sha256()
-        with files(__name__).joinpath(entry["path"]).open("rb") as file:
+        with resource.open("rb") as file:
             while chunk := file.read(1 << 20):
                 digest.update(chunk)
         if digest.hexdigest() != entry["sha256"]:
             raise IntegrityError(
                 f"{entry['path']} has sha256 {digest.hexdigest()}, expected {entry['sha256']}: "
-                f"the installed weights were changed; reinstall with pip install --force-reinstall {_MANIFEST['name']}"
+                f"the installed weights were changed; reinstall with {_reinstall(entry)}"
             )
 
 
@@ -95,12 +95,38 @@ def _load(device: str) -> Any:
 
 
 def _check_sizes() -> None:
-    for entry in _MANIFEST["weights"]:
-        resource = files(__name__).joinpath(entry["path"])
+    for entry, resource in _weights_files():
         with resource.open("rb") as file:
             size = file.seek(0, os.SEEK_END)
         if size != entry["size"]:
             raise IntegrityError(
                 f"{entry['path']} is {size} bytes, expected {entry['size']}: the install is incomplete; "
-                f"reinstall with pip install --force-reinstall {_MANIFEST['name']}"
+                f"reinstall with {_reinstall(entry)}"
             )
+
+
+def _weights_files() -> list[tuple[dict[str, Any], Any]]:
+    """Each weights file with its manifest entry: the package's own, then its weight parts' (packages of
+    their own, which pip installs as this package's requirements, found through importlib)."""
+    import importlib.metadata  # here, not at the top: most packages have no parts, and it costs milliseconds
+
+    found = [(entry, files(__name__).joinpath(entry["path"])) for entry in _MANIFEST["weights"]]
+    for part in _MANIFEST["parts"]:
+        try:
+            installed = importlib.metadata.version(part["distribution"])
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed != part["version"]:
+            state = "is not installed" if installed is None else f"is installed at version {installed}"
+            raise IntegrityError(
+                f"the weights part {part['distribution']} {state}, but {_MANIFEST['name']} needs version "
+                f"{part['version']}; install it with {_reinstall(part)}"
+            )
+        found.append((part, files(part["import_name"]).joinpath(part["path"])))
+    return found
+
+
+def _reinstall(entry: dict[str, Any]) -> str:
+    if "distribution" in entry:  # a weights part
+        return f"pip install --force-reinstall '{entry['distribution']}=={entry['version']}'"
+    return f"pip install --force-reinstall {_MANIFEST['name']}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from importlib.resources import as_file
+from importlib.resources import as_file, files
 from importlib.resources.abc import Traversable
 from typing import Any
 
@@ -29,6 +29,8 @@ def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> A
 
 
 def _load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
+    if manifest["arch"] is not None:
+        return _build_from_state_dict(manifest, package_files, device)
     weights = package_files.joinpath(manifest["weights"][0]["path"])
     with as_file(weights) as path:  # an installed wheel's files are real files: no copy is made
         if manifest["format"] == "torch_export":
@@ -36,20 +38,16 @@ def _load(manifest: dict[str, Any], package_files: Traversable, device: str) -> 
             if device != "cpu":
                 program = torch.export.passes.move_to_device_pass(program, device)
             return program.module()  # exported programs keep the mode they were exported in
-        if manifest["format"] == "torchscript":
-            return torch.jit.load(path, map_location=device).eval()
-        return _build_from_state_dict(manifest, package_files, path, device)
+        return torch.jit.load(path, map_location=device).eval()
 
 
-def _build_from_state_dict(manifest: dict[str, Any], package_files: Traversable, path: Any, device: str) -> Any:
+def _build_from_state_dict(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
     """Build the model on the meta device (no memory) and take the memory-mapped weights as they are."""
-    from safetensors.torch import load_file
-
     arch = manifest["arch"]
     model_class = _import_class(package_files, arch)
     with torch.device("meta"):
         model = model_class(**arch["kwargs"])
-    tensors = load_file(path, device=device)
+    tensors = _tensors(manifest, package_files, device)
     extra_buffers = {name: tensors.pop(name) for name in arch["non_persistent_buffers"]}
     for alias, stored_as in arch["tied"].items():
         tensors[alias] = tensors[stored_as]  # tied weights share one tensor, as in the original model
@@ -58,6 +56,23 @@ def _build_from_state_dict(manifest: dict[str, Any], package_files: Traversable,
         owner, _, attribute = name.rpartition(".")
         model.get_submodule(owner).register_buffer(attribute, tensor, persistent=False)
     return model.eval()
+
+
+def _tensors(manifest: dict[str, Any], package_files: Traversable, device: str) -> dict[str, torch.Tensor]:
+    """The state_dict's tensors from the package's safetensors file, or from its weight parts' (packages of
+    their own, found through importlib), memory-mapped."""
+    from safetensors.torch import load_file
+
+    sources = [package_files.joinpath(entry["path"]) for entry in manifest["weights"]]
+    sources += [files(part["import_name"]).joinpath(part["path"]) for part in manifest["parts"]]
+    tensors = {}
+    for source in sources:
+        with as_file(source) as path:  # an installed wheel's files are real files: no copy is made
+            tensors.update(load_file(path, device=device))
+    for name, split in manifest["split_tensors"].items():  # larger than a part: joined from its pieces
+        pieces = [tensors.pop(f"{name}#{index}") for index in range(split["pieces"])]
+        tensors[name] = torch.cat(pieces).view(getattr(torch, split["dtype"])).reshape(split["shape"])
+    return tensors
 
 
 def _import_class(package_files: Traversable, arch: dict[str, Any]) -> type:

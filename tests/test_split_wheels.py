@@ -1,0 +1,156 @@
+"""Weights split into wheels within an index's file limit (wrap --max-file-size), shared between versions.
+
+A story with the real components: wrap two versions of a model whose second changes only its last layer,
+publish both to a real devpi-server, install the first with pip in a fresh venv, upgrade to the second,
+and read from pip's own report that only the changed part and the model's wheel were downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_resolving_venv, nnwheel
+
+MODEL_PY = """\
+import torch
+from torch import nn
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(64, 600)  # 150 KB: whole in a part
+        self.middle = nn.Linear(600, 600)  # 1.4 MB: larger than a part, in pieces
+        self.last = nn.Linear(600, 10)
+        self.register_buffer("offset", torch.arange(10.0), persistent=False)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x))))) + self.offset
+"""
+LIMIT = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    """Version 0.1.0, and 0.2.0 with only the last layer changed (a fine-tuned head); their wheels."""
+    work = tmp_path_factory.mktemp("split")
+    (work / "wide.py").write_text(MODEL_PY)
+    sys.path.insert(0, str(work))
+    try:
+        import wide
+    finally:
+        sys.path.remove(str(work))
+    torch.manual_seed(0)
+    model = wide.Wide().eval()
+    wheels, models = {}, {}
+    for version in ("0.1.0", "0.2.0"):
+        if version == "0.2.0":
+            with torch.no_grad():
+                model.last.weight.add_(1.0)
+        torch.save(model.state_dict(), work / f"{version}.pth")
+        result = nnwheel(
+            "wrap", work / f"{version}.pth", "--name", "wide-model", "--version", version, "--arch",
+            f"{work / 'wide.py'}:Wide", "--input-shape", "-1,64", "--max-file-size", "1MB", "--out", work / version,
+        )  # fmt: skip
+        wheels[version] = [Path(line) for line in result.stdout.split()]
+        models[version] = {k: v.clone() for k, v in model.state_dict().items()}
+    return work, wheels, models, wide
+
+
+def _reference(wide, state: dict, x: np.ndarray) -> np.ndarray:
+    model = wide.Wide().eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_every_wheel_is_within_the_limit_and_the_model_requires_its_parts_exactly(versions):
+    _, wheels, _, _ = versions
+    *parts, model = wheels["0.1.0"]
+    assert len(parts) >= 2 and model.name == "wide_model-0.1.0-py3-none-any.whl"
+    assert all(wheel.stat().st_size <= LIMIT for wheel in wheels["0.1.0"])
+    with zipfile.ZipFile(model) as archive:
+        metadata = archive.read("wide_model-0.1.0.dist-info/METADATA").decode()
+        manifest = json.loads(archive.read("wide_model/nnwheel.json"))
+    for part in parts:
+        name, version = part.name.split("-")[:2]
+        assert f"Requires-Dist: {name.replace('_', '-')}=={version}" in metadata
+    assert manifest["weights"] == [] and [p["distribution"] for p in manifest["parts"]] == [
+        f"wide-model-weights-{i}" for i in range(len(parts))
+    ]
+    assert "middle.weight" in manifest["split_tensors"]
+    checks = [[sys.executable, "-m", "twine", "check", "--strict", *map(str, wheels["0.1.0"])],
+              [sys.executable, "-m", "check_wheel_contents", *map(str, wheels["0.1.0"])]]
+    for check in checks:
+        result = subprocess.run(check, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_fine_tune_keeps_every_part_but_the_changed_one_byte_for_byte(versions):
+    _, wheels, _, _ = versions
+    before = {w.name.split("-")[0]: w for w in wheels["0.1.0"][:-1]}
+    after = {w.name.split("-")[0]: w for w in wheels["0.2.0"][:-1]}
+    assert before.keys() == after.keys()
+    changed = [name for name in before if before[name].name != after[name].name]
+    assert changed == [name for name in before if "last.weight" in _tensor_names(before[name])]
+    for name in before.keys() - set(changed):
+        assert before[name].read_bytes() == after[name].read_bytes()
+
+
+def _tensor_names(part: Path) -> set[str]:
+    """The tensors in a weights part's safetensors file, from its header."""
+    with zipfile.ZipFile(part) as archive:
+        (member,) = [name for name in archive.namelist() if name.endswith("/part.safetensors")]
+        with archive.open(member) as file:
+            size = int.from_bytes(file.read(8), "little")
+            return set(json.loads(file.read(size))) - {"__metadata__"}
+
+
+def test_the_same_checkpoint_gives_the_same_wheels(versions, tmp_path):
+    work, wheels, _, _ = versions
+    result = nnwheel(
+        "wrap", work / "0.1.0.pth", "--name", "wide-model", "--arch", f"{work / 'wide.py'}:Wide",
+        "--input-shape", "-1,64", "--max-file-size", "1MB", "--out", tmp_path,
+    )  # fmt: skip
+    again = [Path(line) for line in result.stdout.split()]
+    assert [w.read_bytes() for w in again] == [w.read_bytes() for w in wheels["0.1.0"]]
+
+
+@pytest.mark.e2e
+def test_publish_install_upgrade_downloads_only_what_changed(devpi, versions, tmp_path):
+    work, wheels, models, wide = versions
+    index = devpi.create_index()
+    credentials = ["--index", index.url, "--user", index.user, "--password", index.password]
+    for version in ("0.1.0", "0.2.0"):
+        published = nnwheel("publish", *map(str, sorted(wheels[version])), *credentials).stdout
+        assert published.index("wide_model-") > published.index("wide_model_weights_"), "parts go first"
+    env = make_resolving_venv(tmp_path / "venv")
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    predict = f"import numpy as np, wide_model; print(wide_model.predict(np.array({x.tolist()}, dtype=np.float32)).tolist())"
+
+    installed = env.pip("install", "--index-url", index.simple_url, "wide-model==0.1.0", check=False)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    got = np.array(json.loads(env.run(predict).stdout), dtype=np.float32)
+    assert np.allclose(got, _reference(wide, models["0.1.0"], x), atol=1e-6)
+
+    env.pip("install", "--upgrade", "--index-url", index.simple_url, "--report", str(tmp_path / "report.json"), "wide-model")
+    report = json.loads((tmp_path / "report.json").read_text())
+    downloaded = sorted(item["download_info"]["url"].rsplit("/", 1)[-1] for item in report["install"])
+    changed = [w.name for w in wheels["0.2.0"] if w.name not in {v.name for v in wheels["0.1.0"]}]
+    assert downloaded == sorted(changed) and len(changed) == 2, downloaded
+    got = np.array(json.loads(env.run(predict).stdout), dtype=np.float32)
+    assert np.allclose(got, _reference(wide, models["0.2.0"], x), atol=1e-6)
+    env.run("import wide_model; wide_model.verify()")
+
+    env.pip("uninstall", "-y", "wide-model-weights-0")
+    failed = env.run("import wide_model; wide_model.load()", check=False)
+    assert failed.returncode != 0
+    assert "the weights part wide-model-weights-0 is not installed" in failed.stderr
+    assert "pip install --force-reinstall 'wide-model-weights-0==" in failed.stderr
