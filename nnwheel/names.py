@@ -13,7 +13,9 @@ from packaging.version import InvalidVersion, Version
 from .errors import InvalidNameError
 
 # PEP 508 / core metadata: letters, digits, and . _ - inside, starting and ending with a letter or digit.
-_DISTRIBUTION_NAME = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+# Matched with fullmatch (a `$` would let a trailing newline through), and ASCII only: IGNORECASE alone
+# also matches "ſ" and the Kelvin sign as s and k.
+_DISTRIBUTION_NAME = re.compile(r"[A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9]", re.IGNORECASE | re.ASCII)
 
 # Import names a model package must not take: the generated package would hide these modules.
 SHADOWED_PACKAGES = frozenset(
@@ -31,7 +33,7 @@ class PackageName:
 
 
 def parse_package_name(name: str) -> PackageName:
-    if not _DISTRIBUTION_NAME.match(name):
+    if not _DISTRIBUTION_NAME.fullmatch(name):
         raise InvalidNameError(
             f"{name!r} is not a valid package name: use letters, digits, '-', '_' or '.', "
             "starting and ending with a letter or digit (e.g. mnist-mlp)"
@@ -62,11 +64,19 @@ def _refuse_shadowing(name: str, import_name: str) -> None:
 
 
 def parse_version(version: str) -> str:
-    """Return the version as written, once packaging confirms it is PEP 440."""
+    """Return the version as written, once packaging confirms it is PEP 440. packaging also accepts spaces
+    and newlines around it, which would go into METADATA and the wheel's file name as they are: refused."""
+    if version.strip() != version or not _is_pep440(version):
+        raise InvalidNameError(
+            f"{version!r} is not a valid version (PEP 440, without spaces or newlines): "
+            "use e.g. 0.1.0, 1.2.3rc1 or 2024.6.1"
+        )
+    return version
+
+
+def _is_pep440(version: str) -> bool:
     try:
         Version(version)
     except InvalidVersion:
-        raise InvalidNameError(
-            f"{version!r} is not a valid version (PEP 440): use e.g. 0.1.0, 1.2.3rc1 or 2024.6.1"
-        ) from None
-    return version
+        return False
+    return True
