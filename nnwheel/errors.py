@@ -54,6 +54,10 @@ class IntegrityError(NnwheelError):
     """Installed weights do not match the hashes in the model's manifest."""
 
 
+class DamagedInstallError(NnwheelError):
+    """An installed model's package directory or manifest is gone or unreadable; reinstalling mends it."""
+
+
 class BuildError(NnwheelError):
     """The project cannot be built into a wheel exactly as hatchling would build it."""
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import zipfile
 from dataclasses import dataclass
 from email.parser import HeaderParser
-from importlib.resources import files
 from pathlib import Path
 
-from .errors import IntegrityError, ModelNotFoundError
+from .errors import DamagedInstallError, IntegrityError, ModelNotFoundError, first_line
 from .manifest import MANIFEST_NAME, Manifest
 
 ENTRY_POINT_GROUP = "nnwheel.models"
@@ -52,23 +52,48 @@ def describe_wheel(path: Path) -> ModelInfo:
 
 
 def describe_installed(name: str) -> ModelInfo:
-    package = _import_package(name)
-    manifest = Manifest.from_json(files(package).joinpath(MANIFEST_NAME).read_text(encoding="utf-8"))
+    directory = _package_directory(name)
+    manifest = _installed_manifest(name, directory)
     requirements = importlib.metadata.requires(manifest.name) or []
-    return ModelInfo(manifest, tuple(requirements), str(files(package)))
+    return ModelInfo(manifest, tuple(requirements), str(directory))
 
 
-def _import_package(name: str) -> str:
-    models = installed_models()
-    normalized = {_normalize(dist): package for dist, package in models.items()}
-    package = normalized.get(_normalize(name)) or (name if name in models.values() else None)
-    if package is None:
-        known = ", ".join(sorted(models)) or "none"
+def _entry_point(name: str) -> importlib.metadata.EntryPoint:
+    points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    normalized = {_normalize(point.name): point for point in points}
+    point = normalized.get(_normalize(name)) or next((point for point in points if point.value == name), None)
+    if point is None:
+        known = ", ".join(sorted(point.name for point in points)) or "none"
         raise ModelNotFoundError(
             f"no installed model named {name!r} in this environment (installed: {known}); "
             f"pip install {name} here first"
         )
-    return package
+    return point
+
+
+def _package_directory(name: str) -> Path:
+    """The installed model's package directory, found without importing the package: its __init__ reads the
+    manifest, so a damaged one would fail there, in the package's own code."""
+    point = _entry_point(name)
+    spec = importlib.util.find_spec(point.value)
+    if spec is None or spec.origin is None or not spec.submodule_search_locations:  # gone, or no __init__.py
+        where = point.dist.locate_file(point.value) if point.dist is not None else point.value
+        raise DamagedInstallError(
+            f"model {name} is installed, but its package {where} is gone or incomplete; "
+            f"reinstall it: pip install --force-reinstall {name}"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _installed_manifest(name: str, directory: Path) -> Manifest:
+    path = directory / MANIFEST_NAME
+    try:
+        return Manifest.from_json(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror})"
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, not UTF-8, or not a manifest
+        problem = f"is not a valid manifest ({type(error).__name__}: {first_line(error)})"
+    raise DamagedInstallError(f"{path} {problem}; reinstall the model: pip install --force-reinstall {name}")
 
 
 def _normalize(name: str) -> str:
@@ -79,12 +104,12 @@ def _normalize(name: str) -> str:
 
 def verify_installed(name: str) -> Manifest:
     """Re-hash an installed model's weights against its manifest, as its own verify() does."""
-    package = _import_package(name)
-    manifest = Manifest.from_json(files(package).joinpath(MANIFEST_NAME).read_text(encoding="utf-8"))
+    directory = _package_directory(name)
+    manifest = _installed_manifest(name, directory)
     for entry in manifest.weights:
         digest = hashlib.sha256()
         try:
-            with files(package).joinpath(entry.path).open("rb") as file:
+            with (directory / entry.path).open("rb") as file:
                 while chunk := file.read(1 << 20):
                     digest.update(chunk)
         except FileNotFoundError:

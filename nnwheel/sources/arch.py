@@ -61,7 +61,7 @@ def imported_modules(source: Path) -> set[str]:
     names: set[str] = set()
     for file in files:
         try:
-            tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+            tree = ast.parse(_python_source(file), filename=str(file))
         except SyntaxError as error:
             raise ArchitectureError(
                 f"{file} is not valid Python (line {error.lineno}: {error.msg}); fix it, then wrap again"
@@ -72,6 +72,17 @@ def imported_modules(source: Path) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
     return names
+
+
+def _python_source(file: Path) -> str:
+    """The file's text, decoded as Python decodes it on import: UTF-8, or what its coding line declares."""
+    try:
+        return importlib.util.decode_source(file.read_bytes())
+    except (UnicodeDecodeError, SyntaxError) as error:  # SyntaxError: the first two lines already are not UTF-8
+        reason = f"{error.reason} at byte {error.start}" if isinstance(error, UnicodeDecodeError) else error.msg
+        raise ArchitectureError(
+            f"{file} is not UTF-8 ({reason}); save it as UTF-8, as Python expects of source files, then wrap again"
+        ) from None
 
 
 def check_local_imports(spec: ArchSpec) -> None:
