@@ -196,6 +196,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
     print(f"  returns:      {manifest.output_structure}")
     for weights in manifest.weights:
         print(f"  weights:      {weights.path} {weights.size:,} bytes sha256 {weights.sha256}")
+    for part in manifest.parts:
+        print(f"  weights part: {part.distribution}=={part.version} {part.size:,} bytes sha256 {part.sha256}")
     print(f"  source:       {manifest.source.name} sha256 {manifest.source.sha256}")
     print(f"  requires:     {', '.join(model.requirements) or 'nothing'}")
     print(f"  import:       from {manifest.import_name} import predict")

@@ -154,3 +154,35 @@ def test_publish_install_upgrade_downloads_only_what_changed(devpi, versions, tm
     assert failed.returncode != 0
     assert "the weights part wide-model-weights-0 is not installed" in failed.stderr
     assert "pip install --force-reinstall 'wide-model-weights-0==" in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [("ten", "--max-file-size 'ten' is not a size"), ("1KB", "leaves no room for weights")],
+)
+def test_a_size_that_is_not_one_or_too_small_is_refused_before_anything_is_written(versions, tmp_path, size, message):
+    work, _, _, _ = versions
+    result = nnwheel(
+        "wrap", work / "0.1.0.pth", "--name", "wide-model", "--arch", f"{work / 'wide.py'}:Wide",
+        "--input-shape", "-1,64", "--max-file-size", size, "--out", tmp_path / "dist", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
+    assert not (tmp_path / "dist").exists()
+
+
+def test_a_program_larger_than_the_limit_is_one_wheel_and_says_why(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(600, 600))
+    torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
+    result = nnwheel("wrap", tmp_path / "net.ts", "--name", "ts-net", "--input-shape", "-1,600",
+                     "--max-file-size", "1MB", "--out", tmp_path / "dist")
+    assert [Path(line).name for line in result.stdout.split()] == ["ts_net-0.1.0-py3-none-any.whl"]
+    assert "cannot be split" in result.stderr
+
+
+def test_inspect_lists_the_parts(versions):
+    _, wheels, _, _ = versions
+    shown = nnwheel("inspect", wheels["0.1.0"][-1]).stdout
+    for part in wheels["0.1.0"][:-1]:
+        name, version = part.name.split("-")[:2]
+        assert f"weights part: {name.replace('_', '-')}=={version}" in shown

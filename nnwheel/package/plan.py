@@ -8,6 +8,7 @@ and where the weights are larger than the index's file limit, the weight-part wh
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .render import (
 MANIFEST_FILE = "nnwheel.json"
 TENSORS_FILE = "model.safetensors"
 PART_FILE = "part.safetensors"
+notes = logging.getLogger("nnwheel.wrap")  # what wrap found out by itself; the CLI shows it as `note:` lines
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ def plan_package(
 ) -> PackagePlan:
     """The model's wheel, and the parts its tensors are cut into where they exceed max_file_size."""
     cuts = cut(source.tensors, max_file_size) if source.tensors is not None and max_file_size else []
+    if max_file_size and source.tensors is None and source.weights_size > max_file_size:
+        notes.warning(
+            "%s is a %s file, which goes into the wheel as it is and cannot be split: the wheel is over "
+            "--max-file-size (PyPI refuses it unless the project has a larger limit). Save the weights as a "
+            "state_dict or safetensors file with --arch to have them split",
+            source.checkpoint.path, source.checkpoint.format.value,
+        )
     if len(cuts) < 2:
         return PackagePlan(source, (), _model_wheel(source, names, version, metadata, ()))
     parts = tuple(
