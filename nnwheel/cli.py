@@ -84,6 +84,8 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
     wrap.add_argument("--name", required=True, help="distribution name, e.g. mnist-mlp (imported as mnist_mlp)")
     wrap.add_argument("--version", default="0.1.0", help="PEP 440 version (default: %(default)s)")
     wrap.add_argument("--out", type=Path, default=Path("dist"), help="directory for the wheel (default: %(default)s)")
+    wrap.add_argument("--overwrite", action="store_true", help="replace a wheel of the same name and version in --out "
+                      "that has other content (without it, wrap refuses; the same content again is fine)")
     wrap.add_argument("--to", choices=["onnx"], help="convert a PyTorch model (state_dict with --arch, or .pt2) to ONNX, "
                       "checked against torch on the example: the wheel then needs onnxruntime, not torch")
     model = wrap.add_argument_group("architecture (state_dict and safetensors checkpoints)")
@@ -135,6 +137,7 @@ def _run_wrap(args: argparse.Namespace) -> None:
         name=args.name,
         version=args.version,
         out_dir=args.out,
+        overwrite=args.overwrite,
         arch=parse_arch(args.arch, args.arch_kwargs, args.include) if args.arch else None,
         example=args.example,
         input_specs=tuple(specs_from_shapes(shapes, dtypes)) if shapes else (),

@@ -42,6 +42,10 @@ class OutputError(NnwheelError):
     """The wheel or project cannot be written where it was asked for."""
 
 
+class ExistingWheelError(OutputError):
+    """The output directory has a wheel of the same name and version with other content."""
+
+
 class MissingDependencyError(NnwheelError):
     """An optional dependency nnwheel needs for this command is not installed."""
 

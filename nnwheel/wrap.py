@@ -37,6 +37,7 @@ class WrapRequest:
     name: str
     version: str = "0.1.0"
     out_dir: Path = Path("dist")
+    overwrite: bool = False  # replace a wheel of the same file name in out_dir that has other content
     arch: ArchSpec | None = None
     example: Path | None = None
     input_specs: tuple[TensorSpec, ...] = ()  # from --input-shape / --input-dtype
@@ -83,7 +84,7 @@ def wrap(request: WrapRequest) -> list[Path]:
                 if finish_first:
                     projects = [_finished(projects[-1], complete(()), request, details, example, Path(tmp))]
                     complete = _nothing_left
-                return write_wheels(projects, trial, request.out_dir, complete)
+                return write_wheels(projects, trial, request.out_dir, complete, request.overwrite)
     except OSError as error:
         raise OutputError(
             f"writing the package failed ({error}); check the free space in {tempfile.gettempdir()} "

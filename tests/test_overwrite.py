@@ -3,9 +3,11 @@ and wrap never puts other content under a name that is already in the output dir
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import EXAMPLE
 
 from nnwheel.cli import main
@@ -13,9 +15,9 @@ from nnwheel.cli import main
 ARCH = f"{EXAMPLE / 'model.py'}:DigitsMLP"
 
 
-def wrap(out: Path, *args: object) -> int:
-    """wrap the bundled example through the real CLI, in this process."""
-    return main(["wrap", str(EXAMPLE / "model.pth"), "--arch", ARCH, "--input-shape", "-1,64", "--out", str(out),
+def wrap(out: Path, *args: object, checkpoint: Path = EXAMPLE / "model.pth") -> int:
+    """wrap the bundled example's class (its weights by default) through the real CLI, in this process."""
+    return main(["wrap", str(checkpoint), "--arch", ARCH, "--input-shape", "-1,64", "--out", str(out),
                  *map(str, args)])  # fmt: skip
 
 
@@ -55,3 +57,68 @@ def test_version_is_kept_as_written(tmp_path, capsys):
     """Only spaces are refused: a PEP 440 spelling such as 1.0-RC1 is normalised in the file name as before."""
     assert wrap(tmp_path / "dist", "--name", "digits-mlp", "--version", "1.0-RC1") == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "dist" / "digits_mlp-1.0rc1-py3-none-any.whl")
+
+
+# --- the same name and version once more ---------------------------------------------------------------
+
+WHEEL = "digits_mlp-0.1.0-py3-none-any.whl"
+
+
+@pytest.fixture
+def other_weights(tmp_path: Path) -> Path:
+    """The example's state_dict retrained, as far as the file name can tell: the same tensors, other values."""
+    state = torch.load(EXAMPLE / "model.pth", weights_only=True)
+    path = tmp_path / "retrained.pth"
+    torch.save({name: tensor * 2 for name, tensor in state.items()}, path)
+    return path
+
+
+def entries(directory: Path) -> list[str]:
+    """Every name in the directory, hidden ones (a staging directory, a .part file) included."""
+    return sorted(os.listdir(directory))
+
+
+def test_wrapping_the_same_model_again_is_fine(tmp_path, capsys):
+    out = tmp_path / "dist"
+    assert wrap(out, "--name", "digits-mlp") == 0
+    first = (out / WHEEL).read_bytes()
+    assert wrap(out, "--name", "digits-mlp") == 0
+    assert capsys.readouterr().out.split() == [str(out / WHEEL)] * 2
+    assert (out / WHEEL).read_bytes() == first
+    assert entries(out) == [WHEEL]
+
+
+def test_other_content_under_the_same_name_and_version_is_refused(tmp_path, capsys, other_weights):
+    out = tmp_path / "dist"
+    assert wrap(out, "--name", "digits-mlp") == 0
+    before, stat = (out / WHEEL).read_bytes(), (out / WHEEL).stat()
+    capsys.readouterr()
+    assert wrap(out, "--name", "digits-mlp", checkpoint=other_weights) == 1
+    assert the_error(capsys) == (
+        f"error: {out / WHEEL} already exists with other content, and a wheel's file name promises its content "
+        "(indexes and pip's cache keep the first file of a name): wrap a new --version, or pass --overwrite "
+        "to replace it. Wrapping the same model again needs neither."
+    )
+    assert (out / WHEEL).read_bytes() == before
+    assert ((out / WHEEL).stat().st_ino, (out / WHEEL).stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert entries(out) == [WHEEL], "a refused wrap left files behind"
+
+
+def test_overwrite_replaces_it(tmp_path, capsys, other_weights):
+    out = tmp_path / "dist"
+    assert wrap(out, "--name", "digits-mlp") == 0
+    assert wrap(out, "--name", "digits-mlp", "--overwrite", checkpoint=other_weights) == 0
+    assert wrap(tmp_path / "fresh", "--name", "digits-mlp", checkpoint=other_weights) == 0
+    assert (out / WHEEL).read_bytes() == (tmp_path / "fresh" / WHEEL).read_bytes()
+    assert entries(out) == [WHEEL]
+
+
+def test_a_refused_model_wheel_leaves_none_of_its_weight_parts(tmp_path, capsys, other_weights):
+    """Parts are named by their content, so new weights give new part names; none may land without its model."""
+    out = tmp_path / "dist"
+    assert wrap(out, "--name", "digits-mlp", "--max-file-size", "70KB") == 0
+    first = {name: (out / name).read_bytes() for name in entries(out)}
+    assert len(first) > 2 and WHEEL in first
+    assert wrap(out, "--name", "digits-mlp", "--max-file-size", "70KB", checkpoint=other_weights) == 1
+    assert "--overwrite" in the_error(capsys)
+    assert {name: (out / name).read_bytes() for name in entries(out)} == first

@@ -13,12 +13,13 @@ complete, parts first: no directory an index is fed from ever holds a model's wh
 
 from __future__ import annotations
 
+import filecmp
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import ExistingWheelError, OutputError
 from ..manifest import WeightsPart
 from .project import Project
 from .trial import Trial
@@ -27,8 +28,11 @@ from .wheel import build_wheel
 Complete = Callable[[tuple[WeightsPart, ...]], object]
 
 
-def write_wheels(projects: Sequence[Project], trial: Trial, out_dir: Path, complete: Complete) -> list[Path]:
-    """The wheels of `projects` (the parts, then the model), in out_dir; their paths, the model's last."""
+def write_wheels(
+    projects: Sequence[Project], trial: Trial, out_dir: Path, complete: Complete, overwrite: bool
+) -> list[Path]:
+    """The wheels of `projects` (the parts, then the model), in out_dir; their paths, the model's last. A file
+    of the same name there with other content is replaced only with `overwrite`."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -38,11 +42,26 @@ def write_wheels(projects: Sequence[Project], trial: Trial, out_dir: Path, compl
             for project in projects:
                 if project.tensors is not None:
                     project.lay_out_tensors(trial.fit(), deferred=project.deferred is not None)
+        if not overwrite:  # every wheel checked before the first is moved: a refusal leaves out_dir as it was
+            for wheel in written:
+                _refuse_other_content(wheel, out_dir / wheel.name)
         placed = []
         for wheel in written:
             os.replace(wheel, out_dir / wheel.name)
             placed.append(out_dir / wheel.name)
     return placed
+
+
+def _refuse_other_content(wheel: Path, existing: Path) -> None:
+    """A wheel's file name is a promise about its content: indexes and pip's cache keep the first file of a
+    name. The wheels are reproducible (the same input gives the same bytes), so comparing bytes is the
+    check, and it stops at the first difference."""
+    if existing.exists() and not filecmp.cmp(wheel, existing, shallow=False):
+        raise ExistingWheelError(
+            f"{existing} already exists with other content, and a wheel's file name promises its content "
+            "(indexes and pip's cache keep the first file of a name): wrap a new --version, or pass --overwrite "
+            "to replace it. Wrapping the same model again needs neither."
+        )
 
 
 def _write_all(projects: Sequence[Project], trial: Trial, staging: Path, complete: Complete) -> list[Path] | None:
