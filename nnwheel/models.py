@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path
 
-from .errors import DamagedInstallError, IntegrityError, ModelNotFoundError, first_line
+from .errors import DamagedInstallError, DamagedWheelError, IntegrityError, ModelNotFoundError, first_line
 from .manifest import MANIFEST_NAME, Manifest
 
 ENTRY_POINT_GROUP = "nnwheel.models"
+# What reading a manifest raises where its bytes are not UTF-8, not JSON, or not a manifest's fields.
+_NOT_A_MANIFEST = (ValueError, KeyError, TypeError, AttributeError)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,12 @@ def describe_wheel(path: Path) -> ModelInfo:
             metadata_name = next((n for n in names if n.endswith(".dist-info/METADATA")), None)
             if len(manifests) != 1 or metadata_name is None:
                 raise ModelNotFoundError(f"{path} is not a model wheel made by nnwheel (no {MANIFEST_NAME} inside)")
-            manifest = Manifest.from_json(wheel.read(manifests[0]).decode())
+            try:
+                manifest = Manifest.from_json(wheel.read(manifests[0]).decode())
+            except _NOT_A_MANIFEST as error:
+                raise DamagedWheelError(
+                    f"{path}: {manifests[0]} {_invalid(error)}; wrap the model again, or fetch the wheel again"
+                ) from None
             metadata = HeaderParser().parsestr(wheel.read(metadata_name).decode())
     except zipfile.BadZipFile:
         raise ModelNotFoundError(f"{path} is not a valid wheel (not a zip archive)") from None
@@ -91,9 +98,13 @@ def _installed_manifest(name: str, directory: Path) -> Manifest:
         return Manifest.from_json(path.read_text(encoding="utf-8"))
     except OSError as error:
         problem = f"cannot be read ({error.strerror})"
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, not UTF-8, or not a manifest
-        problem = f"is not a valid manifest ({type(error).__name__}: {first_line(error)})"
+    except _NOT_A_MANIFEST as error:
+        problem = _invalid(error)
     raise DamagedInstallError(f"{path} {problem}; reinstall the model: pip install --force-reinstall {name}")
+
+
+def _invalid(error: Exception) -> str:
+    return f"is not a valid manifest ({type(error).__name__}: {first_line(error)})"
 
 
 def _normalize(name: str) -> str:

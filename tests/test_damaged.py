@@ -1,5 +1,6 @@
 """Damaged surroundings are one `error:` line that names the file and what to do, never a traceback: an
-installed model whose manifest is corrupt or whose package directory is gone, a --source-dir that is a file,
+installed model whose manifest is corrupt or whose package directory is gone, a wheel whose manifest is
+corrupt, a --source-dir that is a file,
 architecture and --include files that are not UTF-8."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +130,20 @@ def test_missing_installed_manifest(env):
     assert the_error(result.stderr) == (
         f"error: {manifest} cannot be read (No such file or directory); reinstall the model: {REINSTALL}"
     )
+
+
+def test_wheel_whose_manifest_is_corrupt(tmp_path, capsys, digits_wheel):
+    damaged = tmp_path / digits_wheel.name
+    with zipfile.ZipFile(digits_wheel) as original, zipfile.ZipFile(damaged, "w") as copy:
+        for member in original.infolist():
+            copy.writestr(member, b"{" if member.filename.endswith("/nnwheel.json") else original.read(member))
+    before = damaged.read_bytes()
+    assert main(["inspect", str(damaged)]) == 1
+    assert the_error(capsys.readouterr().err) == (
+        f"error: {damaged}: digits_mlp/nnwheel.json is not a valid manifest (JSONDecodeError: Expecting property "
+        "name enclosed in double quotes: line 1 column 2 (char 1)); wrap the model again, or fetch the wheel again"
+    )
+    assert damaged.read_bytes() == before
 
 
 def test_what_the_error_says_mends_it(tmp_path, digits_wheel):
