@@ -37,25 +37,30 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return CompactJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's body parsed as JSON; a body over `limit` bytes is refused before it is all read."""
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The request's body; one over `limit` bytes is refused before it is all read. A bytearray, so that
+    arrays made over it (np.frombuffer) are writable, as the model's predict() takes them without a copy."""
     too_large = RequestFailed(413, f"the body is larger than the server's limit of {limit} bytes; send fewer rows per request")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
+    body = bytearray()
     try:
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if len(body) + len(chunk) > limit:
                 raise too_large
-            chunks.append(chunk)
+            body += chunk
     except ClientDisconnect:
         raise RequestFailed(400, "the client closed the connection before the body was complete") from None
+    return body
+
+
+def parse_json(data: bytes | bytearray, example: str) -> Any:
+    """`data` parsed as JSON; `example` says what to send instead."""
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(data)
     except (ValueError, RecursionError) as error:
-        raise RequestFailed(400, f'the body is not valid JSON ({error}); send e.g. {{"data": [[0.5, 1.0]]}}') from None
+        raise RequestFailed(400, f"the body is not valid JSON ({error}); {example}") from None
 
 
 def array_from_json(value: Any, spec: TensorSpec, where: str) -> np.ndarray:

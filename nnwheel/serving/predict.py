@@ -9,16 +9,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .bodies import CompactJSONResponse, RequestFailed, array_from_json, json_from_array
+from .bodies import CompactJSONResponse, RequestFailed, array_from_json, json_from_array, parse_json
 from .model import ServedModel
 from .running import Runner
+
+_EXAMPLE = 'send e.g. {"data": [[0.5, 1.0]]}'
 
 
 def predict_route(runner: Runner) -> Route:
     model = runner.model
 
     async def predict(request: Request) -> Response:
-        inputs = await runner.receive(request, lambda body: _inputs(model, body))
+        inputs = await runner.receive(request, lambda body: _inputs(model, parse_json(body, _EXAMPLE)))
         outputs = await runner.run(inputs)
         return CompactJSONResponse({"predictions": _structured(model, outputs)})
 

@@ -8,13 +8,13 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from starlette.requests import Request
 
 from .batching import Batcher
-from .bodies import RequestFailed, read_json
+from .bodies import RequestFailed, read_body
 from .metrics import ServeMetrics
 from .model import ServedModel
 
@@ -31,11 +31,11 @@ class Runner:
     executor: ThreadPoolExecutor  # model calls that are not merged
     max_body_bytes: int
 
-    async def receive(self, request: Request, decode: Callable[[Any], Decoded]) -> Decoded:
-        """The request's JSON body, decoded; the batcher knows meanwhile that a request is arriving."""
+    async def receive(self, request: Request, decode: Callable[[bytearray], Decoded]) -> Decoded:
+        """The request's body, decoded; the batcher knows meanwhile that a request is arriving."""
         arriving = self.batcher.arriving() if self.batcher else contextlib.nullcontext()
         with arriving:
-            return decode(await read_json(request, self.max_body_bytes))
+            return decode(await read_body(request, self.max_body_bytes))
 
     async def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         batch = self.model.as_batch(inputs) if self.batcher else None
