@@ -208,3 +208,29 @@ def test_tritonclient_reports_the_servers_error(http_client):
     inputs[1].set_data_from_numpy(mask[:, :4].copy())
     with pytest.raises(InferenceServerException, match=r"input 'input_1' has shape \(2, 4\), expected \(any, 8\)"):
         http_client.infer(MODEL, inputs)
+
+
+def test_model_configuration_as_tritonclient_reads_it(http_client):
+    assert "model_configuration" in http_client.get_server_metadata()["extensions"]
+    config = http_client.get_model_config(MODEL)
+    assert http_client.get_model_config(MODEL, model_version="0.1.0") == config
+    assert config == {
+        "name": MODEL,
+        "platform": "nnwheel-torch",
+        "backend": "nnwheel",
+        "max_batch_size": 32,  # --max-batch: the rows merged into one model call; the dims leave them out
+        "input": [{"name": "input_0", "data_type": "TYPE_FP32", "dims": [8]}, {"name": "input_1", "data_type": "TYPE_BOOL", "dims": [8]}],
+        "output": [{"name": "scaled", "data_type": "TYPE_FP32", "dims": [8]}, {"name": "count", "data_type": "TYPE_INT64", "dims": []}],
+        "dynamic_batching": {"max_queue_delay_microseconds": 20000},
+    }  # fmt: skip
+    with pytest.raises(InferenceServerException, match="unknown model two-way version 9: this server serves two-way version 0.1.0"):
+        http_client.get_model_config(MODEL, model_version="9")
+
+
+def test_model_configuration_without_batching_gives_the_whole_shape(env, tmp_path):
+    with serving([env.python, "-m", "nnwheel", "serve", MODEL, "--no-batching"], tmp_path) as server:
+        client = triton_http.InferenceServerClient(server.url.removeprefix("http://"))
+        config = client.get_model_config(MODEL)
+        client.close()
+    assert config["max_batch_size"] == 0 and "dynamic_batching" not in config
+    assert [tensor["dims"] for tensor in config["input"] + config["output"]] == [[-1, 8], [-1, 8], [-1, 8], [-1]]

@@ -41,8 +41,8 @@ class _Waiting:
 class Batcher:
     def __init__(self, call: ModelCall, max_rows: int, max_wait: float, on_call: Callable[[int], None]) -> None:
         self._call = call
-        self._max_rows = max_rows
-        self._max_wait = max_wait
+        self.max_rows = max_rows  # most rows per model call
+        self.max_wait = max_wait  # seconds
         self._on_call = on_call  # told the rows of each model call, on the event loop
         self._waiting: deque[_Waiting] = deque()
         self._arriving = 0
@@ -79,11 +79,11 @@ class Batcher:
             await self._sleep_until_woken(None)
         batch = [self._waiting.popleft()]
         rows = batch[0].rows
-        deadline = asyncio.get_running_loop().time() + self._max_wait
-        while rows < self._max_rows:
+        deadline = asyncio.get_running_loop().time() + self.max_wait
+        while rows < self.max_rows:
             if self._waiting:
                 following = self._waiting[0]
-                if rows + following.rows > self._max_rows or not following.fits_with(batch[0]):
+                if rows + following.rows > self.max_rows or not following.fits_with(batch[0]):
                     break
                 batch.append(self._waiting.popleft())
                 rows += following.rows

@@ -29,7 +29,7 @@ _V2_NAMES = {dtype: datatype for datatype, dtype in V2_DATATYPES.items()}
 WIRE_DTYPES = {dtype: np.dtype(np.dtype(dtype).newbyteorder("<").str) for dtype in V2_DATATYPES.values()}
 
 # What the server supports beyond the core protocol, as /v2 and ServerMetadata announce it.
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 
 
 @dataclass(frozen=True)

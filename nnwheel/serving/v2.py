@@ -1,5 +1,5 @@
-"""The Open Inference Protocol (KServe V2) over HTTP: health, metadata, the model's configuration, and
-POST /v2/models/{name}/infer.
+"""The Open Inference Protocol (KServe V2) over HTTP: health, metadata, the model's configuration (as
+Triton's clients read it), and POST /v2/models/{name}/infer.
 
 {"inputs": [{name, shape, datatype, data}]} -> {"outputs": [...]}, tensors sent flat (row-major) or nested,
 or as binary data after the JSON (v2_body.py).
@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..schema import TensorSpec
+from .batching import Batcher
 from .bodies import CompactJSONResponse
 from .inference import EXTENSIONS, served_model, v2_datatype
 from .model import ServedModel
@@ -37,6 +38,7 @@ class OpenInference:
             routes += [
                 Route(prefix, self.model_metadata),
                 Route(f"{prefix}/ready", self.model_ready),
+                Route(f"{prefix}/config", self.model_config),
                 Route(f"{prefix}/infer", self.infer, methods=["POST"]),
             ]
         return routes
@@ -62,6 +64,9 @@ class OpenInference:
             }
         )
 
+    async def model_config(self, request: Request) -> Response:
+        return CompactJSONResponse(_configuration(self._model(request), self.runner.batcher))
+
     async def model_ready(self, request: Request) -> Response:
         return CompactJSONResponse({"name": self._model(request).name, "ready": True})
 
@@ -74,6 +79,29 @@ class OpenInference:
 
     def _model(self, request: Request) -> ServedModel:
         return served_model(self.runner.model, request.path_params["name"], request.path_params.get("version"))
+
+
+def _configuration(model: ServedModel, batcher: Batcher | None) -> dict[str, Any]:
+    """The model configuration in Triton's terms. max_batch_size is the most rows the server merges into one
+    model call, and the dims leave the batch dimension out; 0 where it merges none, the dims then being the
+    whole shape (-1 for a free size)."""
+    max_batch = batcher.max_rows if batcher else 0
+    skip = 1 if max_batch else 0
+
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        return {"name": spec.name, "data_type": f"TYPE_{v2_datatype(spec.dtype)}", "dims": list(spec.shape[skip:])}
+
+    config = {
+        "name": model.name,
+        "platform": f"nnwheel-{model.runtime}",
+        "backend": "nnwheel",
+        "max_batch_size": max_batch,
+        "input": [tensor(spec) for spec in model.inputs],
+        "output": [tensor(spec) for spec in model.outputs],
+    }
+    if batcher:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": round(batcher.max_wait * 1e6)}
+    return config
 
 
 def _describe(spec: TensorSpec) -> dict[str, Any]:
