@@ -80,7 +80,7 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 def exec_forms(dockerfile: Path, keyword: str) -> list[list[str]]:
     """The JSON exec form arguments of every `keyword` instruction (HEALTHCHECK's after its CMD)."""
-    return [json.loads(arguments.split(" CMD ")[-1]) for found, arguments in instructions(dockerfile) if found == keyword]
+    return [json.loads(arguments[arguments.index("["):]) for found, arguments in instructions(dockerfile) if found == keyword]
 
 
 def test_dockerfile_passes_hadolint_and_runs_no_shell(deployed, tmp_path):

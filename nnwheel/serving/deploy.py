@@ -8,10 +8,13 @@ say how each file keeps the values as given).
 
 from __future__ import annotations
 
+import base64
+import netrc
 import os
 import re
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,13 +84,18 @@ def latest_version(index_url: str, name: str) -> str:
     """The newest release of name on the index's simple page, as `pip install name` would pick it."""
     url = f"{index_url.rstrip('/')}/{parse_package_name(name).import_name.replace('_', '-')}/"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": "text/html"}), timeout=30) as page:
+        with urllib.request.urlopen(_netrc_request(url), timeout=30) as page:
             html = page.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as error:
         if error.code == 404:
             raise DeployError(
                 f"{index_url} has no project {name}: publish it first (nnwheel publish), "
                 "or pass the URL pip installs from as --index"
+            ) from None
+        if error.code == 401:
+            raise DeployError(
+                f"{index_url} is private: put its credentials in ~/.netrc, as pip in the image gets them "
+                "(a token from `nnwheel index token create --read-only`), or pass --version"
             ) from None
         raise IndexUnreachableError(f"{url} answered HTTP {error.code}; check --index") from None
     except (urllib.error.URLError, OSError) as error:
@@ -98,6 +106,19 @@ def latest_version(index_url: str, name: str) -> str:
     if not releases:
         raise DeployError(f"{url} lists no wheel or sdist of {name}; publish one first, or pass --version")
     return str(max(releases))
+
+
+def _netrc_request(url: str) -> urllib.request.Request:
+    """A request with the ~/.netrc credentials for url's host, as pip sends them."""
+    request = urllib.request.Request(url, headers={"Accept": "text/html"})
+    try:
+        entry = netrc.netrc().authenticators(urllib.parse.urlsplit(url).hostname or "")
+    except (OSError, netrc.NetrcParseError):
+        entry = None  # no ~/.netrc, or one pip could not read either
+    if entry is not None:
+        token = base64.b64encode(f"{entry[0]}:{entry[2]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
 
 
 def _version_of(filename: str) -> Version | None:

@@ -29,7 +29,9 @@ ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The index must also offer nnwheel and the model's dependencies (a devpi index with root/pypi as base does).
-RUN $install
+# A private index: pip reads its credentials from a netrc passed as a build secret, never kept in a layer:
+#   docker build --secret id=netrc,src=$$HOME/.netrc -t $image .
+RUN --mount=type=secret,id=netrc,target=/root/.netrc $install
 
 USER $user_id
 EXPOSE $port
