@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.parse
 from pathlib import Path
 
+from ..errors import UsageError
 from ..urls import port
 
 
@@ -44,6 +46,16 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--replica-of", metavar="URL", help="run as a replica of this primary index URL")
     start.add_argument("--secret-file", type=Path, metavar="FILE",
                        help="the primary's DIR/secret, needed once to start a replica")
+    start.add_argument("--primary-cert", metavar="FILE",
+                       help="a replica's trust in its primary's certificate (the primary's DIR/tls/cert.pem)")
+    start.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                       help="every read needs the user's password or a token (nginx and devpi-lockdown in front)")
+    start.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                       help="HTTPS with a generated self-signed certificate (DIR/tls/cert.pem, for pip --cert)")
+    start.add_argument("--tls-cert", metavar="FILE", help="HTTPS with this certificate (PEM, chain included)")
+    start.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
+    start.add_argument("--insecure", action=argparse.BooleanOptionalAction, default=None,
+                       help="allow plain HTTP with a --host beyond this machine")
     # Cheap password hashing for tests only; a real server keeps devpi's costly defaults.
     start.add_argument("--insecure-fast-hashing", action="store_true", default=None, help=argparse.SUPPRESS)
     start.set_defaults(run=_run_index_start)
@@ -55,6 +67,46 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
         action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _add_index_dir(action)
         action.set_defaults(run=run)
+        if name == "url":
+            action.add_argument("--with-credentials", action="store_true",
+                                help="with the index user's password in it, for one-off use: pass it in "
+                                "PIP_INDEX_URL or UV_INDEX_URL, never on a command line others can list")
+    _add_token(actions)
+
+
+def _add_token(actions: argparse._SubParsersAction) -> None:
+    from .tokens import lifetime
+
+    token = actions.add_parser("token", help="tokens for machines: create, list, revoke",
+                               description="Tokens stand in for the index user's password, in ~/.netrc, a "
+                               "keyring or a CI secret: each expires, can be read-only, and can be revoked.")
+    token_actions = token.add_subparsers(title="actions", metavar="ACTION", required=True)
+    create = token_actions.add_parser("create", help="make a token and print it (only this once)",
+                                      description="Make a token for the index user and print it on stdout.")
+    create.add_argument("--read-only", action="store_true", help="it may read (pip install), never upload")
+    create.add_argument("--expires", type=_checked(lifetime), default="30d", metavar="LIFETIME",
+                        help="how long it works: 30d, 12h, 90m, 45s (default: 30d, at most 365d)")
+    _add_index_dir(create)
+    create.set_defaults(run=_run_token_create)
+    for name, run, text in [("list", _run_token_list, "list the tokens that still work: id, access, expiry"),
+                            ("revoke", _run_token_revoke, "revoke a token: it stops working at once")]:  # fmt: skip
+        action = token_actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if name == "revoke":
+            action.add_argument("id", metavar="ID", help="the token's id, as create and list print it")
+        _add_index_dir(action)
+        action.set_defaults(run=run)
+
+
+def _checked(parse):
+    """An argparse type from a parser that raises ValueError with a message for the user."""
+
+    def checked(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return checked
 
 
 
@@ -76,7 +128,8 @@ def _run_index_start(args: argparse.Namespace) -> None:
     index_dir = _index_dir(args)
     config = configure(
         index_dir, host=args.host, port=args.port, user=args.user, mirror=args.mirror,
-        replica_of=args.replica_of, fast_hashing=args.insecure_fast_hashing,
+        replica_of=args.replica_of, fast_hashing=args.insecure_fast_hashing, primary_cert=args.primary_cert,
+        private=args.private, tls=args.tls, tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
     )  # fmt: skip
     if not index.find_running(index_dir):
         print(f"starting devpi-server in {index_dir} ...", file=sys.stderr)
@@ -89,8 +142,17 @@ def _run_index_start(args: argparse.Namespace) -> None:
         print(f"  replica of: {running.config.replica_of} (uploads go to the primary)")
     else:
         print(f"  publish:    {dir_env}nnwheel publish dist/*.whl")
-    print(f"  install:    pip install --index-url {running.config.simple_url} MODEL")
+    print(f"  install:    pip install --index-url {running.config.simple_url} MODEL{_pip_cert(running)}")
+    if running.config.private:
+        print("  private:    reads need credentials: a token in ~/.netrc (nnwheel index token create "
+              f"--read-only{dir_option}), or PIP_INDEX_URL from nnwheel index url --with-credentials{dir_option}")
     print(f"  stop:       nnwheel index stop{dir_option}")
+
+
+def _pip_cert(running) -> str:
+    from .tls import generated_cert
+
+    return f" --cert {generated_cert(running.dir)}" if running.config.tls else ""
 
 
 def _run_index_status(args: argparse.Namespace) -> int:
@@ -102,14 +164,55 @@ def _run_index_status(args: argparse.Namespace) -> int:
         return 1
     config = running.config
     role = f"replica of {config.replica_of}" if config.replica_of else ("mirrors PyPI" if config.mirror else "offline")
-    print(f"running: {config.url}  (pid {running.pid}, {role}, data in {running.dir})")
+    if running.front_is_down:
+        print(f"devpi-server runs (pid {running.pid}) but nginx in front of it does not (see {running.dir / 'nginx.log'}): "
+              "`nnwheel index start` starts it again")
+        return 1
+    front = f", nginx pid {running.front_pid}" if running.front_pid else ""
+    access = ", private" if config.private else ""
+    print(f"running: {config.url}  (pid {running.pid}{front}, {role}{access}, data in {running.dir})")
     return 0
 
 
 def _run_index_url(args: argparse.Namespace) -> None:
     from . import index
+    from .index_files import read_credentials, with_credentials
 
-    print(index.require_running(_index_dir(args)).config.url)
+    running = index.require_running(_index_dir(args))
+    if not args.with_credentials:
+        print(running.config.url)
+        return
+    credentials = read_credentials(running.dir)
+    if credentials is None:
+        raise UsageError(f"{running.dir} is a replica and has no credentials of its own: give the primary's, or a token")
+    print(with_credentials(running.config.url, credentials.user, credentials.password))
+
+
+def _run_token_create(args: argparse.Namespace) -> None:
+    from . import index, tokens
+
+    running = index.require_running(_index_dir(args))
+    secret, token = tokens.create(running, args.read_only, args.expires)
+    print(secret)
+    access = "read-only" if token.read_only else "read and upload"
+    host = urllib.parse.urlsplit(running.config.server_url).hostname
+    print(f"token {token.id} ({access}, expires {token.expires_text}); revoke it with "
+          f"`nnwheel index token revoke {token.id}`. For pip and uv, in ~/.netrc (chmod 600):\n"
+          f"  machine {host} login {running.config.user} password TOKEN", file=sys.stderr)
+
+
+def _run_token_list(args: argparse.Namespace) -> None:
+    from . import index, tokens
+
+    for token in tokens.list_tokens(index.require_running(_index_dir(args))):
+        print(f"{token.id}  {'read-only' if token.read_only else 'read and upload'}  expires {token.expires_text}")
+
+
+def _run_token_revoke(args: argparse.Namespace) -> None:
+    from . import index, tokens
+
+    tokens.revoke(index.require_running(_index_dir(args)), args.id)
+    print(f"revoked token {args.id}")
 
 
 def _run_index_stop(args: argparse.Namespace) -> None:
@@ -137,6 +240,8 @@ def _add_publish(commands: argparse._SubParsersAction) -> None:
     publish.add_argument("--user", help="user name on the index")
     publish.add_argument("--password", help="password or token (visible to other local users: prefer "
                          "NNWHEEL_INDEX_PASSWORD)")
+    publish.add_argument("--cert", metavar="FILE", help="trust the index's certificate with this CA file, as "
+                         "pip --cert does (default: the system's CAs; the local index's generated certificate)")
     publish.set_defaults(run=_run_publish)
 
 
@@ -147,7 +252,7 @@ def _run_publish(args: argparse.Namespace) -> None:
 
     # Weight parts first: no index serves a model's wheel before the parts it requires.
     wheels = sorted((read_model_wheel(path) for path in args.wheels), key=lambda wheel: not wheel.is_part)
-    target = publish.resolve_target(args.index, args.user, args.password, default_dir())
+    target = publish.resolve_target(args.index, args.user, args.password, default_dir(), args.cert)
     for wheel, published in publish.check_before_upload(target, wheels):
         if published:
             print(f"{wheel.path.name}: already published at {target.upload_url} (same sha256), nothing sent")
@@ -158,4 +263,5 @@ def _run_publish(args: argparse.Namespace) -> None:
         publish.upload(target, wheel)
         print(f"{wheel.path.name}: published to {target.upload_url}")
     names = " ".join(sorted({wheel.project for wheel in wheels if not wheel.is_part}))
-    print(f"install with: pip install --index-url {target.simple_url} {names}")
+    cert = f" --cert {target.cert}" if target.cert else ""
+    print(f"install with: pip install --index-url {target.simple_url}{cert} {names}")

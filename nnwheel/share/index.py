@@ -1,7 +1,8 @@
 """The local package index: a real devpi-server running in the background from one directory.
 
-Started, found again by the pid in its directory, and stopped; what the directory holds is index_files'
-job, the user and index devpi serves is devpi_api's.
+Started, found again by the pids in its directory, and stopped; a private or TLS index also runs nginx in
+front of devpi-server (proxy.py), started after it and stopped before it. What the directory holds is
+index_files' job, the user and index devpi serves is devpi_api's.
 """
 
 from __future__ import annotations
@@ -10,17 +11,15 @@ import base64
 import contextlib
 import fcntl
 import json
-import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import (
@@ -29,7 +28,7 @@ from ..errors import (
     MissingDependencyError,
     UsageError,
 )
-from . import devpi_api
+from . import devpi_api, primary, processes, proxy
 from .index_files import (
     Credentials,
     IndexConfig,
@@ -37,8 +36,8 @@ from .index_files import (
     log_tail,
     read_config,
     read_credentials,
-    read_pid,
     server_root,
+    socket_path,
     unusable,
     write_json,
     write_private,
@@ -48,7 +47,7 @@ from .index_files import (
 # These cheap ones exist only so that tests can start servers in under a second.
 FAST_HASHING_ARGS = ("--argon2-memory-cost", "8", "--argon2-time-cost", "1", "--argon2-parallelism", "1")
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
+_MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
 @dataclass(frozen=True)
@@ -56,29 +55,68 @@ class RunningIndex:
     dir: Path
     config: IndexConfig
     pid: int
+    front_pid: int | None = None  # nginx, in front of a private or TLS index
 
+    @property
+    def front_is_down(self) -> bool:
+        return self.config.fronted and self.front_pid is None
 
 
 def find_running(index_dir: Path) -> RunningIndex | None:
     """The server started from index_dir, if its process is still alive."""
     check_dir(index_dir)
     index_dir = index_dir.resolve()
-    pid = read_pid(index_dir)
-    if pid is None or not _is_our_server(pid, index_dir):
+    pid = processes.running_pid(_devpi(index_dir))
+    if pid is None:
         return None
-    return RunningIndex(index_dir, read_config(index_dir), pid)
+    config = read_config(index_dir)
+    front = processes.running_pid(proxy.daemon(index_dir)) if config.fronted else None
+    return RunningIndex(index_dir, config, pid, front)
 
 
 def start(index_dir: Path, config: IndexConfig, secret_file: Path | None = None) -> tuple[RunningIndex, bool]:
-    """Start devpi-server for index_dir unless it already runs; True when this call started it."""
+    """Start devpi-server (and nginx) for index_dir unless it already runs; True when this call started one."""
     index_dir = index_dir.resolve()
     with _exclusive(index_dir):
         running = find_running(index_dir)
         if running is not None:
-            return running, False
+            _check_same_options(running, config)
+            if not running.front_is_down:
+                return running, False
+            _check_port_free(config)  # nginx has gone, devpi-server still runs: bring its front back
+            return RunningIndex(index_dir, config, running.pid, _start_front(index_dir, config)), True
         _check_role(index_dir, config, secret_file)
+        if config.fronted:
+            proxy.check_installed(config)
         _check_port_free(config)
-        return RunningIndex(index_dir, config, _start_server(index_dir, config, secret_file)), True
+        pid = _start_server(index_dir, config, secret_file)
+        try:
+            front = _start_front(index_dir, config) if config.fronted else None
+        except BaseException:
+            processes.terminate(_devpi(index_dir), pid)
+            raise
+        return RunningIndex(index_dir, config, pid, front), True
+
+
+def _check_same_options(running: RunningIndex, config: IndexConfig) -> None:
+    changed = [field.name for field in fields(IndexConfig) if getattr(running.config, field.name) != getattr(config, field.name)]
+    if changed:
+        raise UsageError(
+            f"the index in {running.dir} already runs, with other {', '.join(changed)}: "
+            "stop it first (`nnwheel index stop`), then start it with the new options"
+        )
+
+
+def _start_front(index_dir: Path, config: IndexConfig) -> int:
+    pid = proxy.start(index_dir, config)
+    status = proxy.status_of(config, f"/{config.index_path}/+simple/") if config.private else 401
+    if status != 401:
+        processes.terminate(proxy.daemon(index_dir), pid)
+        raise LocalIndexError(
+            f"the private index answered an anonymous read with {status}, so it was stopped: devpi-lockdown is "
+            f"not active in devpi-server (see {index_dir / 'devpi.log'}); pip install 'nnwheel[index]'"
+        )
+    return pid
 
 
 def _start_server(index_dir: Path, config: IndexConfig, secret_file: Path | None) -> int:
@@ -93,24 +131,27 @@ def _start_server(index_dir: Path, config: IndexConfig, secret_file: Path | None
         if credentials is not None:
             devpi_api.set_up(index_dir, config, credentials)
     except BaseException:
-        process.kill()
-        process.wait()
-        (index_dir / "devpi.pid").unlink(missing_ok=True)
+        processes.kill(_devpi(index_dir), process)
         raise
-    # The server outlives this object on purpose; don't let Python warn that it is still running.
-    process.returncode = 0
+    processes.disown(process)
     return process.pid
 
 
 def stop(index_dir: Path) -> RunningIndex | None:
-    """Shut the server down cleanly (SIGTERM, then wait); None when it was not running."""
+    """Shut nginx and the server down cleanly (SIGTERM, then wait); None when the server was not running."""
     check_dir(index_dir)
     if not index_dir.exists():
         return None
-    with _exclusive(index_dir.resolve()):
+    index_dir = index_dir.resolve()
+    with _exclusive(index_dir):
         running = find_running(index_dir)
+        front = proxy.daemon(index_dir)
+        front_pid = processes.running_pid(front)  # also an nginx whose devpi-server has died
+        if front_pid is not None:
+            processes.terminate(front, front_pid)
         if running is not None:
-            _terminate(running)
+            processes.terminate(_devpi(index_dir), running.pid)
+            socket_path(index_dir).unlink(missing_ok=True)
         return running
 
 
@@ -149,7 +190,6 @@ def require_running(index_dir: Path) -> RunningIndex:
     return running
 
 
-
 def _check_role(index_dir: Path, config: IndexConfig, secret_file: Path | None) -> None:
     recorded = read_config(index_dir) if (index_dir / "server").exists() else None
     if recorded is not None and bool(recorded.replica_of) != bool(config.replica_of):
@@ -167,6 +207,10 @@ def _check_role(index_dir: Path, config: IndexConfig, secret_file: Path | None) 
             f"a replica needs its primary's secret{missing}: pass --secret-file with a copy of "
             "the primary's DIR/secret"
         )
+    if config.fronted and len(str(socket_path(index_dir))) > _MAX_SOCKET_PATH:
+        raise UsageError(f"{index_dir} is too long a path for devpi-server's unix socket: use a shorter --dir")
+    if config.replica_of and not config.private:
+        primary.refuse_if_private(config)
 
 
 def _check_port_free(config: IndexConfig) -> None:
@@ -211,7 +255,6 @@ def _initialise(index_dir: Path, config: IndexConfig, secret_file: Path | None) 
         raise LocalIndexError(f"devpi-init failed:\n{log_tail(index_dir)}")
 
 
-
 def _argon2_hash(password: str) -> str:
     import argon2  # a devpi-server dependency, installed with nnwheel[index]
 
@@ -219,15 +262,19 @@ def _argon2_hash(password: str) -> str:
 
 
 def _launch(index_dir: Path, config: IndexConfig) -> subprocess.Popen:
-    command = [
-        _devpi_command("devpi-server"),
-        "--serverdir", str(index_dir / "server"),
-        "--host", config.host,
-        "--port", str(config.port),
-        "--secretfile", str(index_dir / "secret"),
-    ]  # fmt: skip
+    command = [_devpi_command("devpi-server"), "--serverdir", str(index_dir / "server"),
+               "--secretfile", str(index_dir / "secret"),
+               # Only root creates users and indexes: nobody can sign up an account to read a private index with.
+               "--restrict-modify", "root"]  # fmt: skip
+    if config.fronted:
+        socket_path(index_dir).unlink(missing_ok=True)  # left by a server that did not stop cleanly
+        command += ["--unix-socket", str(socket_path(index_dir)), "--unix-socket-perms", "600"]
+    else:
+        command += ["--host", config.host, "--port", str(config.port)]
+    env = None
     if config.replica_of:
         command += ["--role", "replica", "--primary-url", server_root(config.replica_of)]
+        env = primary.environment(index_dir, config)
     else:
         # The primary role lets replicas follow this server; they must prove they hold the secret.
         command += ["--role", "primary"]
@@ -235,16 +282,7 @@ def _launch(index_dir: Path, config: IndexConfig) -> subprocess.Popen:
             command += ["--offline-mode"]
     if config.fast_hashing:
         command += FAST_HASHING_ARGS
-    with open(index_dir / "devpi.log", "ab") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # keeps serving after this command returns, and ignores its Ctrl-C
-        )
-    (index_dir / "devpi.pid").write_text(f"{process.pid}\n")
-    return process
+    return processes.launch(_devpi(index_dir), command, env)
 
 
 def _wait_until_serving(process: subprocess.Popen, index_dir: Path, config: IndexConfig) -> None:
@@ -252,7 +290,7 @@ def _wait_until_serving(process: subprocess.Popen, index_dir: Path, config: Inde
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise LocalIndexError(f"devpi-server exited while starting:\n{log_tail(index_dir)}")
-        if devpi_api.answers(config, timeout=1.0):
+        if devpi_api.answers(index_dir, config, timeout=1.0):
             return
         time.sleep(0.1)
     raise LocalIndexError(
@@ -260,44 +298,8 @@ def _wait_until_serving(process: subprocess.Popen, index_dir: Path, config: Inde
     )
 
 
-def _terminate(index: RunningIndex) -> None:
-    try:
-        os.kill(index.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _is_our_server(index.pid, index.dir):
-        if time.monotonic() > deadline:
-            raise LocalIndexError(
-                f"devpi-server (pid {index.pid}) did not stop within {STOP_TIMEOUT_S:.0f} s; "
-                f"see {index.dir / 'devpi.log'}"
-            )
-        time.sleep(0.1)
-    (index.dir / "devpi.pid").unlink(missing_ok=True)
-
-
-def _is_our_server(pid: int, index_dir: Path) -> bool:
-    """Alive, and (where /proc tells) still the devpi-server of index_dir, not a reused pid."""
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if this process started it and it has exited
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    proc = Path(f"/proc/{pid}")
-    if not proc.exists():
-        return sys.platform != "linux"  # no /proc to ask: trust the pidfile
-    try:
-        state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-        cmdline = (proc / "cmdline").read_bytes()
-    except OSError:
-        return False
-    if state == "Z":
-        return False  # exited, sockets closed; only its parent has not collected it yet
-    # An exiting process has an empty cmdline but may still hold its port.
-    return not cmdline or str(index_dir / "server").encode() in cmdline
+def _devpi(index_dir: Path) -> processes.Daemon:
+    return processes.Daemon("devpi-server", index_dir / "devpi.pid", index_dir / "server", index_dir / "devpi.log")
 
 
 def _devpi_command(name: str) -> str:

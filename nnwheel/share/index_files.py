@@ -4,13 +4,19 @@
       server/            devpi-server's own data (devpi-init --serverdir)
       secret             devpi's signing secret (0600); a replica runs with a copy of its primary's
       credentials.json   the generated passwords of the index user and of devpi's root (0600)
-      index.json         how the server is started: host, port, user, mirror, replica_of
+      index.json         how the server is started: host, port, user, mirror, replica_of, private, TLS
       devpi.pid          the running server's process id
       devpi.log          everything devpi-init and devpi-server wrote
+      devpi.sock         where devpi-server listens when nginx is in front (private or TLS), 0600
+      nginx/             nginx's configuration and temporary files, written at every start
+      nginx.pid          nginx's process id; nginx.log its errors
+      tls/               the generated certificate (cert.pem, for pip --cert) and its key (0600)
+      primary-ca.pem     a replica's CA bundle: the usual CAs and the primary's --primary-cert
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import typing
@@ -49,12 +55,28 @@ class IndexConfig:
     user: str = DEFAULT_USER
     mirror: bool = False
     replica_of: str | None = None  # the primary's index URL, e.g. http://host:3141/nnwheel/models/
+    primary_cert: str | None = None  # a replica's trust in a primary whose certificate no public CA signed
     fast_hashing: bool = False
+    private: bool = False  # every read needs a user or a token (nginx asks devpi-lockdown)
+    tls: bool = False  # a generated self-signed certificate
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False  # plain HTTP beyond localhost, asked for explicitly
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_cert is not None
+
+    @property
+    def fronted(self) -> bool:
+        """Whether nginx listens on host:port, with devpi-server behind it on a unix socket."""
+        return self.private or self.uses_tls
 
     @property
     def server_url(self) -> str:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        scheme = "https" if self.uses_tls else "http"
+        return f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
 
     @property
     def index_path(self) -> str:
@@ -82,7 +104,38 @@ def configure(index_dir: Path, **overrides: object) -> IndexConfig:
     """The recorded configuration of index_dir (or the defaults), with the options that were given."""
     check_dir(index_dir)
     given = {name: value for name, value in overrides.items() if value is not None}
-    return _with_parsed_urls(replace(read_config(index_dir), **given), "--host", "--replica-of")
+    for name in ("tls_cert", "tls_key", "primary_cert"):
+        if name in given:
+            given[name] = str(Path(str(given[name])).resolve())  # later starts may run from elsewhere
+    config = _with_parsed_urls(replace(read_config(index_dir), **given), "--host", "--replica-of")
+    _check_exposure(config)
+    return config
+
+
+def _check_exposure(config: IndexConfig) -> None:
+    """Refuse what would send passwords and models in clear beyond this machine, or a half-given certificate."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together: give the certificate and its private key")
+    if config.tls and config.tls_cert:
+        raise UsageError("give --tls (a generated certificate) or --tls-cert/--tls-key, not both (--no-tls drops the first)")
+    for option, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key), ("--primary-cert", config.primary_cert)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{option} {path}: no such file")
+    if not config.uses_tls and not config.insecure and not is_loopback(config.host):
+        raise UsageError(
+            f"--host {config.host} listens beyond this machine, where passwords and models would travel in clear: "
+            "pass --tls for a generated certificate, --tls-cert FILE --tls-key FILE for your own, "
+            "or --insecure to accept plain HTTP"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _with_parsed_urls(config: IndexConfig, host: str, replica_of: str) -> IndexConfig:
@@ -126,16 +179,6 @@ def read_credentials(index_dir: Path) -> Credentials | None:
     return _load(Credentials, index_dir / "credentials.json", _CREDENTIALS_ADVICE)
 
 
-def read_pid(index_dir: Path) -> int | None:
-    """The running server's recorded pid; None without one (a pidfile cut short counts as none)."""
-    try:
-        return int((index_dir / "devpi.pid").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    except OSError as error:
-        raise unusable(index_dir, error) from None
-
-
 _Recorded = typing.TypeVar("_Recorded", IndexConfig, Credentials)
 
 
@@ -175,6 +218,17 @@ def index_path(index_url: str) -> str:
             "`nnwheel index url` prints it, e.g. http://host:3141/nnwheel/models/"
         )
     return "/".join(parts[:2])
+
+
+def socket_path(index_dir: Path) -> Path:
+    """Where devpi-server listens when nginx is in front of it."""
+    return index_dir / "devpi.sock"
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    quote = urllib.parse.quote
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.netloc}"))
 
 
 def server_root(index_url: str) -> str:

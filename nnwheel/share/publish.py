@@ -17,11 +17,13 @@ import http.client
 import os
 import re
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
@@ -39,6 +41,7 @@ from ..errors import (
 from ..urls import parse_url
 from .index import find_running
 from .index_files import read_credentials
+from .tls import generated_cert
 from .model_wheel import ModelWheel, verify
 
 # PyPI's default per-file limit; projects can ask for more.
@@ -58,6 +61,7 @@ class Target:
     simple_url: str  # the index's simple API root, as pip's --index-url takes it
     username: str | None
     password: str | None
+    cert: str | None = None  # the CA file to trust the index's certificate with (pip's and twine's --cert)
 
     @property
     def is_pypi(self) -> bool:
@@ -69,16 +73,18 @@ def resolve_target(
     user: str | None,
     password: str | None,
     index_dir: Path,
+    cert: str | None = None,
 ) -> Target:
     """--index URL, a repository name from ~/.pypirc, or the running local index.
 
     Credentials come from the options, then NNWHEEL_INDEX_USER/PASSWORD, then TWINE_USERNAME/PASSWORD,
-    then ~/.pypirc, then the local index's stored ones.
+    then ~/.pypirc, then the local index's stored ones; the local index's generated certificate is trusted
+    unless --cert names another.
     """
     user = user or os.environ.get("NNWHEEL_INDEX_USER") or os.environ.get("TWINE_USERNAME")
     password = password or os.environ.get("NNWHEEL_INDEX_PASSWORD") or os.environ.get("TWINE_PASSWORD")
     if index_option is not None and _REPOSITORY_NAME.fullmatch(index_option):
-        return _from_pypirc(index_option, user, password)
+        return replace(_from_pypirc(index_option, user, password), cert=cert)
     local = find_running(index_dir)
     if index_option is None:
         if local is None:
@@ -88,11 +94,13 @@ def resolve_target(
             )
         index_option = local.config.url
     url = _upload_url(parse_url(index_option, "--index", "pass --user, and the password in NNWHEEL_INDEX_PASSWORD"))
-    if local is not None and url == local.config.url and user is None:
+    if local is not None and url == local.config.url:
         stored = read_credentials(index_dir)
-        if stored is not None:
+        if stored is not None and user is None:
             user, password = stored.user, stored.password
-    return Target(url, _simple_url(url), user, password)
+        if cert is None and local.config.tls:
+            cert = str(generated_cert(local.dir))
+    return Target(url, _simple_url(url), user, password, cert)
 
 
 def _from_pypirc(name: str, user: str | None, password: str | None) -> Target:
@@ -195,7 +203,7 @@ def _served_sha256(target: Target, wheel: ModelWheel, url: str) -> str:
     """The sha256 of the file at url, read in chunks: a model wheel can be larger than memory."""
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(_request(target, url), timeout=CHECK_TIMEOUT_S) as response:
+        with urllib.request.urlopen(_request(target, url), timeout=CHECK_TIMEOUT_S, context=_context(target)) as response:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 digest.update(chunk)
     except (OSError, http.client.HTTPException) as error:  # HTTPError and URLError are OSErrors too
@@ -218,9 +226,13 @@ def _request(target: Target, url: str) -> urllib.request.Request:
     return request
 
 
+def _context(target: Target) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=target.cert) if target.cert else None
+
+
 def _fetch(target: Target, url: str) -> bytes:
     try:
-        with urllib.request.urlopen(_request(target, url), timeout=CHECK_TIMEOUT_S) as response:
+        with urllib.request.urlopen(_request(target, url), timeout=CHECK_TIMEOUT_S, context=_context(target)) as response:
             return response.read()
     except urllib.error.HTTPError:
         raise
@@ -237,6 +249,8 @@ def _describe(reason: object) -> str:
         return f"no answer within {CHECK_TIMEOUT_S:.0f} s"
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"its certificate is not trusted: {reason.verify_message}; pass --cert with the CA file that signed it"
     return str(getattr(reason, "strerror", None) or reason)
 
 
@@ -277,8 +291,9 @@ def upload(target: Target, wheel: ModelWheel) -> None:
     repository = Repository(
         target.upload_url, target.username, target.password, disable_progress_bar=not sys.stderr.isatty()
     )
+    repository.set_certificate_authority(target.cert)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _cert_over_environment(target):
             response = repository.upload(package)
     except requests.ConnectionError as error:
         raise IndexUnreachableError(
@@ -289,6 +304,16 @@ def upload(target: Target, wheel: ModelWheel) -> None:
         repository.close()
     if response.status_code != 200:
         _raise_for_status(target, response.status_code, response.reason)
+
+
+@contextlib.contextmanager
+def _cert_over_environment(target: Target) -> Iterator[None]:
+    """requests lets REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE win over a session's CA file; --cert must win."""
+    hidden = {name: os.environ.pop(name) for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if target.cert and name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
 
 
 def _raise_for_status(target: Target, status: int, reason: str) -> None:

@@ -1,0 +1,106 @@
+"""The index's background processes (devpi-server, and nginx in front of a private or TLS index).
+
+Each is launched detached from this command, with its pid recorded in a file of the index directory; it is
+found again by that pid only while /proc shows a live process whose command line still names the index's
+directory (a reused pid is not ours), and stopped with SIGTERM, waiting until it has gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LocalIndexError
+from .index_files import unusable
+
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Daemon:
+    name: str  # as messages name it: "devpi-server", "nginx"
+    pidfile: Path
+    marker: Path  # a path its command line holds, so that another process with a reused pid is not taken for it
+    log: Path
+
+
+def launch(daemon: Daemon, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start command in its own session (it outlives this command and ignores its Ctrl-C); record its pid."""
+    with open(daemon.log, "ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    daemon.pidfile.write_text(f"{process.pid}\n")
+    return process
+
+
+def kill(daemon: Daemon, process: subprocess.Popen) -> None:
+    """End a process this command launched and that failed to start."""
+    process.kill()
+    process.wait()
+    daemon.pidfile.unlink(missing_ok=True)
+
+
+def disown(process: subprocess.Popen) -> None:
+    # The process outlives its Popen object on purpose; don't let Python warn that it is still running.
+    process.returncode = 0
+
+
+def running_pid(daemon: Daemon) -> int | None:
+    """The recorded pid, while that process is alive and still ours."""
+    pid = _read_pid(daemon.pidfile)
+    return pid if pid is not None and _is_ours(pid, daemon.marker) else None
+
+
+def terminate(daemon: Daemon, pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _is_ours(pid, daemon.marker):
+        if time.monotonic() > deadline:
+            raise LocalIndexError(
+                f"{daemon.name} (pid {pid}) did not stop within {STOP_TIMEOUT_S:.0f} s; see {daemon.log}"
+            )
+        time.sleep(0.1)
+    daemon.pidfile.unlink(missing_ok=True)
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    """None without a pidfile (one cut short counts as none)."""
+    try:
+        return int(pidfile.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError as error:
+        raise unusable(pidfile.parent, error) from None
+
+
+def _is_ours(pid: int, marker: Path) -> bool:
+    """Alive, and (where /proc tells) still the process whose command line holds marker, not a reused pid."""
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if this process started it and it has exited
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():
+        return sys.platform != "linux"  # no /proc to ask: trust the pidfile
+    try:
+        state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    if state == "Z":
+        return False  # exited, sockets closed; only its parent has not collected it yet
+    # An exiting process has an empty cmdline but may still hold its port.
+    return not cmdline or str(marker).encode() in cmdline
