@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from importlib.resources import as_file, files
 from importlib.resources.abc import Traversable
@@ -59,20 +60,40 @@ def _build_from_state_dict(manifest: dict[str, Any], package_files: Traversable,
 
 
 def _tensors(manifest: dict[str, Any], package_files: Traversable, device: str) -> dict[str, torch.Tensor]:
-    """The state_dict's tensors from the package's safetensors file, or from its weight parts' (packages of
-    their own, found through importlib), memory-mapped."""
-    from safetensors.torch import load_file
+    """The state_dict's tensors, memory-mapped, from the package's safetensors file or from its weight parts'
+    (packages of their own, found through importlib). A tensor larger than a part is read from its pieces
+    into memory of its own, once: mapping the pieces and joining them would hold it twice."""
+    from safetensors import safe_open
 
     sources = [package_files.joinpath(entry["path"]) for entry in manifest["weights"]]
     sources += [files(part["import_name"]).joinpath(part["path"]) for part in manifest["parts"]]
-    tensors = {}
+    split = manifest["split_tensors"]
+    pieces = {f"{name}#{index}" for name, tensor in split.items() for index in range(tensor["pieces"])}
+    tensors, found = {}, {}
     for source in sources:
-        with as_file(source) as path:  # an installed wheel's files are real files: no copy is made
-            tensors.update(load_file(path, device=device))
-    for name, split in manifest["split_tensors"].items():  # larger than a part: joined from its pieces
-        pieces = [tensors.pop(f"{name}#{index}") for index in range(split["pieces"])]
-        tensors[name] = torch.cat(pieces).view(getattr(torch, split["dtype"])).reshape(split["shape"])
+        with as_file(source) as path, safe_open(path, framework="pt", device=device) as file:
+            for name in file.keys():
+                if name in pieces:
+                    found[name] = path
+                else:
+                    tensors[name] = file.get_tensor(name)
+    for name, tensor in split.items():
+        joined = torch.empty(tensor["shape"], dtype=getattr(torch, tensor["dtype"]))
+        memory = memoryview(joined.reshape(-1).view(torch.uint8).numpy())
+        start = 0
+        for index in range(tensor["pieces"]):
+            start += _read_into(found[f"{name}#{index}"], f"{name}#{index}", memory[start:])
+        tensors[name] = joined.to(device)
     return tensors
+
+
+def _read_into(path: Any, name: str, memory: memoryview) -> int:
+    """Read the tensor `name` of a safetensors file into the start of `memory`; return its size."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        begin, end = json.loads(file.read(header_size))[name]["data_offsets"]
+        file.seek(8 + header_size + begin)
+        return file.readinto(memory[: end - begin])
 
 
 def _import_class(package_files: Traversable, arch: dict[str, Any]) -> type:
