@@ -128,9 +128,15 @@ def test_publish_install_upgrade_downloads_only_what_changed(devpi, versions, tm
     work, wheels, models, wide = versions
     index = devpi.create_index()
     credentials = ["--index", index.url, "--user", index.user, "--password", index.password]
-    for version in ("0.1.0", "0.2.0"):
-        published = nnwheel("publish", *map(str, sorted(wheels[version])), *credentials).stdout
+    # A publish cut short after a part: run again, it sends the rest, and skips what the index has.
+    nnwheel("publish", str(wheels["0.1.0"][0]), *credentials)
+    outputs = {version: nnwheel("publish", *map(str, sorted(wheels[version])), *credentials).stdout
+               for version in ("0.1.0", "0.2.0")}
+    for published in outputs.values():
         assert published.index("wide_model-") > published.index("wide_model_weights_"), "parts go first"
+    assert f"{wheels['0.1.0'][0].name}: already published" in outputs["0.1.0"]
+    kept = [wheel.name for wheel in wheels["0.2.0"] if (wheels["0.1.0"][0].parent / wheel.name).exists()]
+    assert kept and all(f"{name}: already published" in outputs["0.2.0"] for name in kept)
     env = make_resolving_venv(tmp_path / "venv")
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     predict = f"import numpy as np, wide_model; print(wide_model.predict(np.array({x.tolist()}, dtype=np.float32)).tolist())"
@@ -186,3 +192,15 @@ def test_inspect_lists_the_parts(versions):
     for part in wheels["0.1.0"][:-1]:
         name, version = part.name.split("-")[:2]
         assert f"weights part: {name.replace('_', '-')}=={version}" in shown
+
+
+def test_uv_installs_the_parts_and_the_model(versions, tmp_path):
+    _, wheels, models, wide = versions
+    env = make_resolving_venv(tmp_path / "venv")
+    uv = Path(sys.executable).parent / "uv"
+    subprocess.run([str(uv), "pip", "install", "--python", str(env.python), "--no-deps", *map(str, wheels["0.1.0"])],
+                   check=True, capture_output=True)
+    x = np.ones((2, 64), dtype=np.float32)
+    code = "import numpy as np, wide_model; print(wide_model.predict(np.ones((2, 64), np.float32)).tolist())"
+    got = np.array(json.loads(env.run(code).stdout), dtype=np.float32)
+    assert np.allclose(got, _reference(wide, models["0.1.0"], x), atol=1e-6)
