@@ -66,9 +66,14 @@ def parse_json(data: bytes | bytearray, example: str) -> Any:
 def array_from_json(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
     """value, nested lists of numbers found at `where` in the body, as an array of spec's dtype.
 
-    null, NaN, an infinity, or a number beyond the dtype's range is refused with its position. For floats
-    the check is one pass of isfinite over the array; only a refused request is searched value by value.
+    null, NaN, an infinity, a number beyond the dtype's range, and true, false or a string where a number
+    belongs (numpy would read them as 1, 0 and the number the string spells; "false" as true for a bool) is
+    refused with its position. For floats the check is one pass of isfinite over the array and one of the
+    values' types, a row at a time; only a refused request is searched value by value.
     """
+    strays = {str} if spec.dtype == "bool" else {bool, str}
+    if not strays.isdisjoint(_leaf_types(value)):
+        _refuse_non_numbers(value, spec, where, strays)
     try:
         with np.errstate(over="ignore"):  # 1e39 as float32 is inf, refused below without a warning in the log
             array = np.asarray(value, dtype=spec.dtype)
@@ -92,27 +97,41 @@ def json_from_array(array: np.ndarray) -> Any:
     return array.tolist()
 
 
-def _refuse_non_numbers(value: Any, spec: TensorSpec, where: str) -> None:
-    found = _first_non_number(value)
+def _leaf_types(value: Any) -> set[type]:
+    """The types of what nested lists hold: a set made in C for each innermost list, not a Python loop per value."""
+    if type(value) is not list:
+        return {type(value)}
+    if value and type(value[0]) is list:
+        return set().union(*map(_leaf_types, value))
+    return set(map(type, value))
+
+
+def _refuse_non_numbers(value: Any, spec: TensorSpec, where: str, strays: set[type] | None = None) -> None:
+    found = _first_non_number(value, strays or set())
     if found is not None:
         index, bad = found
         raise _not_a_number(spec, bad, where + _position(index))
 
 
-def _first_non_number(value: Any) -> tuple[tuple[int, ...], float | None] | None:
-    """The index and value of the first null, NaN or infinity in nested lists, in reading order."""
+def _first_non_number(value: Any, strays: set[type]) -> tuple[tuple[int, ...], Any] | None:
+    """The index and value of the first null, NaN, infinity or value of a type in `strays` in nested lists,
+    in reading order."""
     if isinstance(value, list):
         for i, item in enumerate(value):
-            found = _first_non_number(item)
+            found = _first_non_number(item, strays)
             if found is not None:
                 return (i, *found[0]), found[1]
         return None
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if value is None or type(value) in strays or (isinstance(value, float) and not math.isfinite(value)):
         return (), value
     return None
 
 
 def _not_a_number(spec: TensorSpec, bad: Any, place: str) -> RequestFailed:
+    if isinstance(bad, (bool, str)):
+        shown = "a string" if isinstance(bad, str) else "true" if bad else "false"
+        expected = "true or false" if spec.dtype == "bool" else "numbers"
+        return RequestFailed(400, f"input {spec.name!r} has {shown} at {place}; send {expected}")
     if bad is None or (isinstance(bad, float) and not math.isfinite(bad)):
         shown = "null" if bad is None else "NaN" if math.isnan(bad) else "Infinity" if bad > 0 else "-Infinity"
         return RequestFailed(400, f"input {spec.name!r} has {shown} at {place}; send finite numbers (JSON has no NaN)")

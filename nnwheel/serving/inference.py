@@ -70,6 +70,9 @@ def checked_shape(spec: TensorSpec, datatype: object, shape: object) -> list[int
     # bool is a subclass of int, but true is no size.
     if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
         raise RequestFailed(400, f'input {spec.name!r} needs a "shape": a list of sizes, e.g. [1, 784]')
+    # numpy refuses a shape whose sizes multiply past its index range, even one with no values ([0, 2**62, 4]).
+    if math.prod(max(size, 1) for size in shape) * WIRE_DTYPES[spec.dtype].itemsize > np.iinfo(np.intp).max:
+        raise RequestFailed(400, f"input {spec.name!r} has shape {shape}, larger than any array can be")
     return shape
 
 
