@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +18,25 @@ DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32",
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str
+    dtype: str  # "str" for text and labels
     shape: tuple[int, ...]
+    kind: str = "tensor"  # what predict() takes or gives for it: a "tensor", "text" (strings) or a "label"
+    labels: tuple[str, ...] = ()  # a "label" output's values, in the order of the scores' columns
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "shape": list(self.shape)}
+        data = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.kind != "tensor":  # a tensor model's manifest stays as it was
+            data["kind"] = self.kind
+        if self.labels:
+            data["labels"] = list(self.labels)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+        return cls(
+            name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]), kind=data.get("kind", "tensor"),
+            labels=tuple(data.get("labels", ())),
+        )
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,13 @@ def keras_inputs(package: Path) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(t.name, t.dtype, tuple(-1 if d is None else d for d in t.shape)) for t in inputs)
 
 
+# What a text model is tried on at wrap time: two texts of different lengths, so that padding is tried too.
+TRIAL_TEXTS = ["nnwheel tries the model on this text", "and on this one"]
+
+
 def zeros_for(manifest: Manifest, free: int = 2) -> list:
+    if manifest.runtime == "transformers":
+        return [TRIAL_TEXTS]
     if manifest.runtime == "onnxruntime":  # no torch needed to wrap an ONNX model
         return numpy_example_for(manifest.inputs, free)
     return example_for(manifest.inputs, free=free)

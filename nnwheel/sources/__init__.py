@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .checkpoint import Checkpoint, Format
+from .huggingface import read_huggingface
 from .keras import read_keras
 from .onnx import read_onnx_model
 from .source import ModelSource, SourceOptions
@@ -21,9 +22,10 @@ _READERS = {
     Format.TORCHSCRIPT: read_torchscript,
     Format.ONNX: read_onnx_model,
     Format.KERAS: read_keras,
+    Format.HUGGINGFACE: read_huggingface,
 }
 # Formats whose file carries its own input schema: --input-shape would only contradict it.
-_OWN_SCHEMA = (Format.ONNX, Format.KERAS, Format.TORCH_EXPORT)
+_OWN_SCHEMA = (Format.ONNX, Format.KERAS, Format.TORCH_EXPORT, Format.HUGGINGFACE)
 
 
 def read_source(checkpoint: Checkpoint, options: SourceOptions) -> ModelSource:

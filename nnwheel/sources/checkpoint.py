@@ -22,6 +22,7 @@ class Format(str, enum.Enum):
     TORCHSCRIPT = "torchscript"  # torch.jit.save
     ONNX = "onnx"  # an ONNX ModelProto, possibly with external data files beside it
     KERAS = "keras"  # Keras 3 model.save: a .keras zip, or the legacy HDF5 .h5
+    HUGGINGFACE = "huggingface"  # a directory as save_pretrained writes it: config.json, model.safetensors, ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Checkpoint:
 def read_checkpoint(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: check the path of the checkpoint")
+    if path.is_dir():
+        return _read_model_directory(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file: pass the checkpoint file itself")
     stat = path.stat()
@@ -53,10 +56,31 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format=checkpoint_format, size=size, modified_ns=stat.st_mtime_ns)
 
 
+def _read_model_directory(path: Path) -> Checkpoint:
+    """A Hugging Face model directory, told by its config.json; its size and time are those of all its files."""
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} is a directory without config.json: pass a checkpoint file, or a Hugging Face model directory "
+            "as save_pretrained writes it (config.json, model.safetensors and the tokenizer's files)"
+        )
+    size, modified_ns = _size_and_time(path)
+    return Checkpoint(path=path, format=Format.HUGGINGFACE, size=size, modified_ns=modified_ns)
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    """A file's size and modification time; a model directory's total size and latest time, over its files and
+    those of its sub-directories (sentence-transformers' 1_Pooling/), hidden ones (.git) aside."""
+    if path.is_file():
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    files = [*path.glob("*"), *path.glob("*/*")]
+    stats = [file.stat() for file in files if file.is_file() and not file.relative_to(path).as_posix().startswith(".")]
+    return sum(stat.st_size for stat in stats), max((stat.st_mtime_ns for stat in stats), default=0)
+
+
 def check_unchanged(checkpoint: Checkpoint) -> None:
     """Refuse a checkpoint written to while it was wrapped: the package would mix its old and new bytes."""
-    stat = checkpoint.path.stat()
-    if (stat.st_size, stat.st_mtime_ns) != (checkpoint.size, checkpoint.modified_ns):
+    if _size_and_time(checkpoint.path) != (checkpoint.size, checkpoint.modified_ns):
         raise CheckpointError(f"{checkpoint.path} changed while it was being wrapped; wrap it again once it is saved")
 
 

@@ -33,7 +33,7 @@ def expectations(specs: list[dict[str, Any]], batched: bool) -> list[Expected] |
     expected = []
     for spec in specs:
         dims = tuple(spec["shape"][skip:])
-        if -1 in dims:
+        if -1 in dims or spec.get("kind") == "text":
             return None
         try:
             dtype = numpy.dtype(spec["dtype"])
@@ -74,11 +74,14 @@ def prepare(inputs: Sequence[Any], specs: list[dict[str, Any]], batched: bool) -
         raise ValueError(f"predict() takes {len(specs)} input(s) ({names}), got {len(inputs)}")
     values, as_tensors, unbatched = [], False, None
     for value, spec in zip(inputs, specs):
-        if _is_tensor(value):
-            as_tensors = True
-        elif type(value) is not _np().ndarray:
-            value = _to_array(value, spec)
-        single = _check(value, spec, batched)
+        if spec.get("kind") == "text":
+            value, single = _texts(value, spec)
+        else:
+            if _is_tensor(value):
+                as_tensors = True
+            elif type(value) is not _np().ndarray:
+                value = _to_array(value, spec)
+            single = _check(value, spec, batched)
         if unbatched is not None and single != unbatched:
             raise ValueError("give every input with its batch dimension, or every input without it, not a mix")
         unbatched = single
@@ -115,6 +118,24 @@ def _to_array(value: Any, spec: dict[str, Any]) -> Any:
             f"input {spec['name']!r} cannot become a {spec['dtype']} array ({error}); "
             "nested lists must be rectangular and hold numbers"
         ) from None
+
+
+def _texts(value: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    """A text input as a numpy array of str: one string (a single sample, True) or a list of them (False)."""
+    np = _np()
+    texts = value.tolist() if isinstance(value, np.ndarray) and value.ndim == 1 else value
+    if isinstance(texts, str):
+        return np.asarray(texts, dtype=str), True
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"input {spec['name']!r} takes a string or a list of strings, got {_described(value)}")
+    return np.asarray(texts, dtype=str).reshape(-1), False
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(item).__name__ for item in value if not isinstance(item, str)})
+        return f"a {type(value).__name__} holding {', '.join(kinds)}"
+    return type(value).__name__
 
 
 def _check(value: Any, spec: dict[str, Any], batched: bool) -> bool:

@@ -1,0 +1,199 @@
+"""Hugging Face model directories (config.json, model.safetensors, the tokenizer's files): read without running any
+of their code, put into the package as they are, and run there by transformers on text.
+
+The task is the config's: a *ForSequenceClassification model classifies (per text, a label and the scores
+over id2label); a base model (*Model), or a sentence-transformers directory (modules.json), embeds. The package's
+runtime pools the token embeddings itself, exactly as sentence-transformers does (so that is not needed to run
+them): the steps it follows (Transformer, Pooling, Normalize; the pooling modes in _POOLING_MODES) are checked
+here, and any other is refused. A config with auto_map names code that comes with the directory
+(trust_remote_code): nnwheel never runs it, and refuses the directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from ..schema import OutputSchema, TensorSpec
+from .checkpoint import Checkpoint
+from .source import ModelSource, ProgramFile, SourceOptions
+from .versions import installed_minor
+
+MODEL_DIR = "model"  # the directory's files, inside the package
+# The tokenizer's files transformers reads, besides tokenizer.json; a directory has those its kind needs.
+_TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+)
+_SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+_TEXT = TensorSpec("text", "str", (-1,), kind="text")
+_SAVE_ADVICE = "save it with model.save_pretrained(directory) and tokenizer.save_pretrained(directory)"
+# sentence-transformers' pooling modes the runtime computes, in the order it concatenates them.
+_POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens")
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def read_huggingface(checkpoint: Checkpoint, options: SourceOptions) -> ModelSource:
+    directory = checkpoint.path
+    requirements = _requirements()
+    config = _read_json(directory / "config.json")
+    _refuse_remote_code(directory, config)
+    outputs = _outputs(directory, config)
+    files = (*_weights(directory), *_model_files(directory))
+    return ModelSource(checkpoint, "transformers", requirements, (_TEXT,), files=files, outputs=outputs)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} cannot be read as JSON ({error}); save the model again") from None
+
+
+def _refuse_remote_code(directory: Path, config: dict) -> None:
+    for name in ("config.json", "tokenizer_config.json"):
+        path = directory / name
+        settings = config if name == "config.json" else _read_json(path) if path.is_file() else {}
+        if "auto_map" in settings:
+            raise CheckpointError(
+                f"{path} has auto_map: the model's code comes with the directory (trust_remote_code), and nnwheel "
+                "never runs code from a model directory. Use a model whose architecture transformers itself defines"
+            )
+
+
+def _outputs(directory: Path, config: dict) -> OutputSchema:
+    """What predict() gives per text, from the config's architecture: a label and scores, or an embedding."""
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else ""
+    _check_known(config, architecture)
+    if (directory / "modules.json").is_file() or architecture.endswith("Model"):
+        size = _embedding_size(directory, config)
+        return OutputSchema("tensor", (TensorSpec("embedding", "float32", (-1, size)),))
+    if architecture.endswith("ForSequenceClassification"):
+        labels = _labels(config)
+        label = TensorSpec("label", "str", (-1,), kind="label", labels=labels)
+        return OutputSchema("dict", (label, TensorSpec("scores", "float32", (-1, len(labels)))))
+    raise CheckpointError(
+        f"{directory / 'config.json'} is a {architecture or 'model with no architectures'}, which nnwheel does not "
+        "package yet: it packages text classification (*ForSequenceClassification) and embeddings (a base *Model, "
+        "or a sentence-transformers directory with modules.json)"
+    )
+
+
+def _check_known(config: dict, architecture: str) -> None:
+    """A model type and class that the installed transformers defines: the package's runtime builds it so."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise CheckpointError(
+            f"config.json's model_type {model_type!r} is not one transformers {installed_minor('transformers', 'transformers')} "
+            "defines; upgrade transformers, or use a model of a known type"
+        )
+    import transformers
+
+    if architecture and not hasattr(transformers, architecture):
+        raise CheckpointError(f"config.json's architecture {architecture!r} is not a class of transformers; upgrade it")
+
+
+def _embedding_size(directory: Path, config: dict) -> int:
+    """The size of the embeddings: the hidden size (a plain model is mean-pooled, as SentenceTransformer(directory)
+    pools it), times the pooling modes of a sentence-transformers directory, whose steps are checked here."""
+    if not (directory / "modules.json").is_file():
+        from transformers import AutoConfig  # its hidden_size, whatever the config calls it (DistilBERT: dim)
+
+        return int(AutoConfig.from_pretrained(directory, local_files_only=True).hidden_size)
+    modules = _read_json(directory / "modules.json")
+    steps = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
+    if steps not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]) or modules[0].get("path"):
+        raise CheckpointError(
+            f"{directory / 'modules.json'} has the steps {', '.join(steps)}; nnwheel packages Transformer, Pooling "
+            "and an optional Normalize (no Dense layers), with the transformer in the directory itself"
+        )
+    _check_sentence_settings(directory)
+    pooling_file = directory / modules[1].get("path", "") / "config.json"
+    pooling = _read_json(pooling_file)
+    modes = _pooling_modes(pooling)
+    if any(mode not in _POOLING_MODES for mode in modes):
+        raise CheckpointError(
+            f"{pooling_file} pools by {', '.join(modes)}; nnwheel computes "
+            f"{', '.join(_POOLING_MODES)}"
+        )
+    return int(pooling.get("embedding_dimension", pooling.get("word_embedding_dimension", 0))) * len(modes)
+
+
+def _pooling_modes(pooling: dict) -> tuple[str, ...]:
+    """A Pooling config's modes: sentence-transformers 6's pooling_mode, or the pooling_mode_* flags before it."""
+    if "pooling_mode" in pooling:
+        mode = pooling["pooling_mode"]
+        return (mode,) if isinstance(mode, str) else tuple(mode)
+    return tuple(mode for key, mode in _LEGACY_POOLING_KEYS.items() if pooling.get(key)) or ("mean",)
+
+
+def _check_sentence_settings(directory: Path) -> None:
+    """Refuse what the runtime would not follow: prompts, lower-casing added by sentence-transformers, another task."""
+    settings = directory / "sentence_bert_config.json"
+    transformer = _read_json(settings) if settings.is_file() else {}
+    prompts = directory / "config_sentence_transformers.json"
+    prompt = (_read_json(prompts) if prompts.is_file() else {}).get("default_prompt_name")
+    task = transformer.get("transformer_task", "feature-extraction")
+    refused = [f"the default prompt {prompt!r}"] if prompt else []
+    refused += ["do_lower_case"] if transformer.get("do_lower_case") else []
+    refused += [f"the task {task!r}"] if task != "feature-extraction" else []
+    if refused:
+        raise CheckpointError(
+            f"{directory} asks sentence-transformers for {', '.join(refused)}, which nnwheel does not follow yet; "
+            "save the model without it"
+        )
+
+
+def _labels(config: dict) -> tuple[str, ...]:
+    """id2label's names in the order of the logits; transformers' LABEL_i where the config has none."""
+    id2label = config.get("id2label") or {}
+    count = len(id2label) or config.get("num_labels", 2)
+    return tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count))
+
+
+def _weights(directory: Path) -> list[ProgramFile]:
+    """model.safetensors, or the shards its index names; a pickled pytorch_model.bin is refused."""
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    elif index.is_file():
+        shards = _read_json(index).get("weight_map", {}).values()
+        names = [index.name, *sorted(set(shards))]
+    else:
+        pickled = " (its pytorch_model.bin is a pickle, which nnwheel never loads)" if (directory / "pytorch_model.bin").exists() else ""
+        raise CheckpointError(
+            f"{directory} has no model.safetensors{pickled}; save the model with "
+            "model.save_pretrained(directory), which writes safetensors"
+        )
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory} lacks {', '.join(missing)}, named by {index.name}; save the model again")
+    return [ProgramFile(f"{MODEL_DIR}/{name}", directory / name) for name in names]
+
+
+def _model_files(directory: Path) -> list[ProgramFile]:
+    """config.json, the tokenizer's files and sentence-transformers' own, as they are."""
+    if not (directory / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"{directory} has no tokenizer.json: the package needs the model's (fast) tokenizer; "
+            f"{_SAVE_ADVICE}, with the tokenizer from AutoTokenizer.from_pretrained"
+        )
+    names = ["config.json", "tokenizer.json", *_TOKENIZER_FILES, *_SENTENCE_FILES]
+    names += [str(path.relative_to(directory)) for path in sorted(directory.glob("*_Pooling/config.json"))]
+    return [ProgramFile(f"{MODEL_DIR}/{name}", directory / name) for name in names if (directory / name).is_file()]
+
+
+def _requirements() -> tuple[str, ...]:
+    """transformers and tokenizers from the versions the trial runs with; torch from what that transformers needs."""
+    from transformers.dependency_versions_table import deps
+
+    transformers = installed_minor("transformers", "transformers")
+    tokenizers = installed_minor("tokenizers", "transformers")
+    return (f"transformers>={transformers}", f"tokenizers>={tokenizers}", deps["torch"], "numpy>=1.22")
