@@ -1,4 +1,5 @@
-"""The starlette app that serves one model: POST /predict, the Open Inference Protocol (KServe V2) and /metrics.
+"""The starlette app that serves one model: POST /predict, the Open Inference Protocol (KServe V2), /metrics
+and its OpenAPI document at /openapi.json.
 
 Every failure a client causes is answered with a 4xx and {"error": "..."}; the server keeps serving.
 Whether concurrent requests are merged into one model call is decided here, once, as the app is made.
@@ -26,6 +27,7 @@ from .batching import Batcher, batch_difference
 from .bodies import RequestFailed, error_response
 from .metrics import CONTENT_TYPE, ServeMetrics, SharedMetrics
 from .model import ServedModel
+from .openapi import openapi_route
 from .predict import predict_route
 from .running import Runner
 from .v2 import OpenInference
@@ -63,7 +65,7 @@ def create_app(model: ServedModel, options: ServeOptions) -> ASGIApp:
     async def render_metrics(request: Request) -> Response:
         return Response(shared.render() if shared else metrics.render(), media_type=CONTENT_TYPE)
 
-    routes = [predict_route(runner), Route("/metrics", render_metrics), *OpenInference(runner).routes()]
+    routes = [predict_route(runner), Route("/metrics", render_metrics), *OpenInference(runner).routes(), openapi_route(model)]
     app = Starlette(
         routes=routes,
         lifespan=_lifespan(batcher, shared, executor),
