@@ -253,15 +253,19 @@ def _run_publish(args: argparse.Namespace) -> None:
     # Weight parts first: no index serves a model's wheel before the parts it requires.
     wheels = sorted((read_model_wheel(path) for path in args.wheels), key=lambda wheel: not wheel.is_part)
     target = publish.resolve_target(args.index, args.user, args.password, default_dir(), args.cert)
+    sent = skipped = 0
     for wheel, published in publish.check_before_upload(target, wheels):
         if published:
             print(f"{wheel.path.name}: already published at {target.upload_url} (same sha256), nothing sent")
+            skipped += wheel.size
             continue
         warning = publish.oversize_warning(target, wheel)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         publish.upload(target, wheel)
         print(f"{wheel.path.name}: published to {target.upload_url}")
+        sent += wheel.size
+    print(f"sent {sent / 1e6:.1f} MB; {skipped / 1e6:.1f} MB the index had already")
     names = " ".join(sorted({wheel.project for wheel in wheels if not wheel.is_part}))
     cert = f" --cert {target.cert}" if target.cert else ""
     print(f"install with: pip install --index-url {target.simple_url}{cert} {names}")
