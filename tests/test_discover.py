@@ -17,7 +17,7 @@ from nnwheel.cli import main
 from nnwheel.package.trial import imported
 
 
-def model_dir(tmp_path: Path, source: str, saved: str, kwargs: str = "", files: dict[str, str] | None = None) -> Path:
+def model_dir(tmp_path: Path, source: str, saved: str, kwargs: dict | None = None, files: dict[str, str] | None = None) -> Path:
     """A directory as a user leaves it: model.py (and other files), and model.pth of `saved`(**kwargs)'s weights."""
     directory = tmp_path / "model"
     directory.mkdir()
@@ -25,7 +25,7 @@ def model_dir(tmp_path: Path, source: str, saved: str, kwargs: str = "", files: 
     for name, text in (files or {}).items():
         (directory / name).write_text(textwrap.dedent(text))
     torch.manual_seed(0)
-    model = getattr(load_module(directory / "model.py"), saved)(**eval(f"dict({kwargs})"))
+    model = getattr(load_module(directory / "model.py"), saved)(**(kwargs or {}))
     torch.save(model.state_dict(), directory / "model.pth")
     return directory
 
@@ -98,7 +98,7 @@ def test_no_class_fits_names_every_candidate_and_runs_no_script(tmp_path, capsys
         open({str(marker)!r}, "w").close()  # a training script's work, which discovery must never run
     """
     source = TWO_CLASSES + "\n\nclass Needs(nn.Module):\n    def __init__(self, hidden):\n        super().__init__()\n"
-    directory = model_dir(tmp_path, source, "Small", "width=5", files={"train.py": train})
+    directory = model_dir(tmp_path, source, "Small", {"width": 5}, files={"train.py": train})
     code, out, err = wrap(capsys, directory / "model.pth", tmp_path / "dist")
     assert code != 0 and out == ""
     line = err.strip()
