@@ -1,26 +1,37 @@
-"""nnwheel serve with the clients that KServe V2 users run: tritonclient over HTTP, with binary tensor data
-and JSON, against a real server process serving a model pip-installed into a fresh venv."""
+"""nnwheel serve with the clients that KServe V2 users run: tritonclient over HTTP (binary tensor data and
+JSON) and over gRPC, against a real server process serving a model pip-installed into a fresh venv."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import socket
+import subprocess
+import time
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_grpc_aio
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_http_aio
-from conftest import load_module, make_venv, nnwheel, serving
+from conftest import ROOT, free_port, load_module, make_venv, nnwheel, serving
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.e2e
 
 # Two inputs of two dtypes and two named outputs of two dtypes, elementwise: exact in every batch size,
-# so the server merges concurrent requests.
+# so the server merges concurrent requests. Each call takes a few milliseconds, as a real model's does: gRPC
+# requests are merged when they wait behind a model call (the batcher never waits for requests it cannot see
+# arriving).
 TWO_WAY_ARCH = '''
+import time
+
 import torch
 from torch import nn
 
@@ -31,6 +42,7 @@ class TwoWay(nn.Module):
         self.scale = nn.Parameter(torch.linspace(0.5, 4.0, 8))
 
     def forward(self, x, mask):
+        time.sleep(0.003)
         return {"scaled": x * self.scale + 0.1, "count": mask.sum(-1)}
 '''
 MODEL = "two-way"
@@ -53,10 +65,22 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(env, tmp_path_factory):
-    command = [env.python, "-m", "nnwheel", "serve", MODEL, "--max-wait-ms", "20"]
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(env, grpc_port, tmp_path_factory):
+    command = [env.python, "-m", "nnwheel", "serve", MODEL, "--max-wait-ms", "20", "--grpc-port", str(grpc_port)]
     with serving(command, tmp_path_factory.mktemp("log")) as server:
         yield server
+
+
+@pytest.fixture
+def grpc_client(server, grpc_port):
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    yield client
+    client.close()
 
 
 @pytest.fixture
@@ -234,3 +258,155 @@ def test_model_configuration_without_batching_gives_the_whole_shape(env, tmp_pat
         client.close()
     assert config["max_batch_size"] == 0 and "dynamic_batching" not in config
     assert [tensor["dims"] for tensor in config["input"] + config["output"]] == [[-1, 8], [-1, 8], [-1, 8], [-1]]
+
+
+def grpc_inputs(x: np.ndarray, mask: np.ndarray) -> list[triton_grpc.InferInput]:
+    inputs = [triton_grpc.InferInput("input_0", list(x.shape), "FP32"), triton_grpc.InferInput("input_1", list(mask.shape), "BOOL")]
+    inputs[0].set_data_from_numpy(x)  # as raw_input_contents
+    inputs[1].set_data_from_numpy(mask)
+    return inputs
+
+
+def test_tritonclient_grpc_health_metadata_and_infer_equal_to_predict(env, grpc_client, tmp_path):
+    assert grpc_client.is_server_live() and grpc_client.is_server_ready()
+    assert grpc_client.is_model_ready(MODEL) and grpc_client.is_model_ready(MODEL, model_version="0.1.0")
+    server_metadata = grpc_client.get_server_metadata(as_json=True)
+    assert server_metadata["name"] == "nnwheel" and "binary_tensor_data" in server_metadata["extensions"]
+    assert grpc_client.get_model_metadata(MODEL, as_json=True) == {
+        "name": MODEL, "versions": ["0.1.0"], "platform": "nnwheel-torch",
+        "inputs": [{"name": "input_0", "datatype": "FP32", "shape": ["-1", "8"]}, {"name": "input_1", "datatype": "BOOL", "shape": ["-1", "8"]}],
+        "outputs": [{"name": "scaled", "datatype": "FP32", "shape": ["-1", "8"]}, {"name": "count", "datatype": "INT64", "shape": ["-1"]}],
+    }  # fmt: skip (proto3's JSON writes int64 as strings)
+
+    x, mask = rows(6)
+    expected = predict_in_process(env, tmp_path, x, mask)
+    result = grpc_client.infer(MODEL, grpc_inputs(x, mask)[::-1], request_id="req-7", model_version="0.1.0")
+    assert result.get_response().id == "req-7" and result.get_response().model_version == "0.1.0"
+    for name, array in expected.items():
+        np.testing.assert_array_equal(result.as_numpy(name), array, strict=True)
+    only_count = grpc_client.infer(MODEL, grpc_inputs(x, mask), outputs=[triton_grpc.InferRequestedOutput("count")])
+    assert [output.name for output in only_count.get_response().outputs] == ["count"]
+    np.testing.assert_array_equal(only_count.as_numpy("count"), expected["count"], strict=True)
+
+
+def typed_request(x: np.ndarray, mask: np.ndarray) -> service_pb2.ModelInferRequest:
+    """A request as KServe's clients may send it: numbers in the typed contents, no raw bytes."""
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input_0", datatype="FP32", shape=x.shape).contents.fp32_contents.extend(x.ravel().tolist())
+    request.inputs.add(name="input_1", datatype="BOOL", shape=mask.shape).contents.bool_contents.extend(mask.ravel().tolist())
+    return request
+
+
+def test_typed_contents_are_served_as_raw_ones(env, grpc_client, tmp_path):
+    x, mask = rows(3)
+    response = grpc_client._client_stub.ModelInfer(typed_request(x, mask))
+    assert [output.name for output in response.outputs] == ["scaled", "count"]
+    expected = predict_in_process(env, tmp_path, x, mask)
+    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(3, 8), expected["scaled"])
+    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[1], "<i8"), expected["count"])
+
+
+def raw_request(*raw: bytes, shape=(3, 8), model_name: str = MODEL, model_version: str = "") -> service_pb2.ModelInferRequest:
+    """A request as tritonclient sends it: the inputs' bytes in raw_input_contents (X and MASK unless given)."""
+    request = service_pb2.ModelInferRequest(model_name=model_name, model_version=model_version)
+    request.raw_input_contents.extend(raw or (X, MASK))
+    request.inputs.add(name="input_0", datatype="FP32", shape=shape)
+    request.inputs.add(name="input_1", datatype="BOOL", shape=(3, 8))
+    return request
+
+
+def changed(request: service_pb2.ModelInferRequest, change) -> service_pb2.ModelInferRequest:
+    change(request)
+    return request
+
+
+def classification(request: service_pb2.ModelInferRequest) -> None:
+    request.outputs.add(name="count").parameters["classification"].int64_param = 2
+
+
+BAD_GRPC_REQUESTS = [
+    ("unknown model", raw_request(model_name="mnist"), "NOT_FOUND", "unknown model mnist: this server serves two-way"),
+    ("unknown version", raw_request(model_version="9"), "NOT_FOUND", "unknown model two-way version 9"),
+    ("wrong datatype", changed(raw_request(), lambda r: setattr(r.inputs[0], "datatype", "FP64")), "INVALID_ARGUMENT",
+     "input 'input_0' has datatype FP64; the model takes FP32"),
+    ("raw size not what the shape needs", raw_request(X[:64], MASK), "INVALID_ARGUMENT",
+     "input 'input_0' has 64 bytes of raw_input_contents[0], but shape [3, 8] of FP32 needs 96"),
+    ("raw entries missing", raw_request(X), "INVALID_ARGUMENT", "raw_input_contents has 1 entries for 2 inputs; send one per input"),
+    ("raw and typed", changed(raw_request(), lambda r: r.inputs[0].contents.fp32_contents.extend([0.5] * 24)), "INVALID_ARGUMENT",
+     "input 'input_0' has contents, but raw_input_contents carries the inputs"),
+    ("typed count wrong", changed(typed_request(*rows(3)), lambda r: r.inputs[0].shape.__setitem__(0, 4)), "INVALID_ARGUMENT",
+     "input 'input_0' has 24 values in contents.fp32_contents, but shape [4, 8] needs 32"),
+    ("negative size", raw_request(shape=(-3, 8)), "INVALID_ARGUMENT", "input 'input_0' needs a \"shape\""),
+    ("bool neither 0 nor 1", raw_request(X, b"\2" * 24), "INVALID_ARGUMENT", "input 'input_1' is BOOL"),
+    ("unknown output", changed(raw_request(), lambda r: r.outputs.add(name="logits")), "INVALID_ARGUMENT",
+     "the model has no output 'logits'; its outputs are scaled, count"),
+    ("classification", changed(raw_request(), classification), "INVALID_ARGUMENT", "output 'count' asks for classification"),
+    ("wrong shape for the model", raw_request(X[:48], MASK, shape=(3, 4)), "INVALID_ARGUMENT",
+     "input 'input_0' has shape (3, 4), expected (any, 8)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("request_message", "code", "message"), [case[1:] for case in BAD_GRPC_REQUESTS],
+                         ids=[case[0] for case in BAD_GRPC_REQUESTS])  # fmt: skip
+def test_bad_grpc_requests_get_a_status_that_says_what_is_wrong(grpc_client, request_message, code, message):
+    with pytest.raises(grpc.RpcError) as failed:
+        grpc_client._client_stub.ModelInfer(request_message)
+    assert failed.value.code().name == code
+    assert message in failed.value.details()
+    assert grpc_client.infer(MODEL, grpc_inputs(*rows(1))).as_numpy("count").shape == (1,)
+
+
+def test_concurrent_grpc_requests_share_the_batcher_and_the_metrics(env, server, grpc_port, tmp_path):
+    samples = [rows(1 + i % 3, seed=100 + i) for i in range(64)]
+
+    async def infer_all() -> list:
+        async with triton_grpc_aio.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            return await asyncio.gather(*(client.infer(MODEL, grpc_inputs(x, mask)) for x, mask in samples))
+
+    before, counted_before = model_calls(server), grpc_infers(server)
+    results = asyncio.run(infer_all())
+    calls = model_calls(server) - before
+    x, mask = (np.concatenate(parts) for parts in zip(*samples))
+    expected = predict_in_process(env, tmp_path, x, mask)
+    np.testing.assert_array_equal(np.concatenate([r.as_numpy("scaled") for r in results]), expected["scaled"], strict=True)
+    np.testing.assert_array_equal(np.concatenate([r.as_numpy("count") for r in results]), expected["count"], strict=True)
+    assert calls < len(samples) / 2, f"{len(samples)} concurrent requests took {calls} model calls: no batching"
+    assert grpc_infers(server) - counted_before == len(samples)
+
+
+def grpc_infers(server) -> float:
+    """The gRPC ModelInfer calls answered with success, from /metrics (HTTP's status of the same answer)."""
+    text = httpx.get(f"{server.url}/metrics").text
+    found = re.search(r'^nnwheel_requests_total\{route="/inference.GRPCInferenceService/ModelInfer",code="200"\} (\S+)$', text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+def test_several_workers_serve_grpc_on_one_port_and_count_together(env, tmp_path):
+    port = free_port()
+    with serving([env.python, "-m", "nnwheel", "serve", MODEL, "--workers", "2", "--grpc-port", str(port)], tmp_path) as server:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        for seed in range(6):
+            assert client.infer(MODEL, grpc_inputs(*rows(2, seed))).as_numpy("count").shape == (2,)
+        client.close()
+        time.sleep(1.5)  # each worker writes its counts every second
+        assert grpc_infers(server) == 6
+        assert server.stop() == 0
+    log = server.log.read_text()
+    assert log.count("serving gRPC on 127.0.0.1:") == 2 and "Traceback" not in log
+
+
+def serve_fails(env, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(env.python), "-m", "nnwheel", "serve", MODEL, *options], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_grpc_port_in_use_or_the_http_port_is_a_clear_error(env):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        in_use = serve_fails(env, "--port", str(free_port()), "--grpc-port", str(port))
+    assert in_use.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use); stop what uses it or pass another --grpc-port" in in_use.stderr
+    same = serve_fails(env, "--port", "8123", "--grpc-port", "8123")
+    assert same.returncode == 2 and "error: --grpc-port and --port are both 8123" in same.stderr
+    assert "Traceback" not in in_use.stderr + same.stderr

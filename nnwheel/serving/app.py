@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,6 +33,9 @@ from .predict import predict_route
 from .running import Runner
 from .v2 import OpenInference
 
+if TYPE_CHECKING:
+    from .grpc_service import GrpcServer
+
 logger = logging.getLogger("nnwheel.serve")
 
 Lifespan = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
@@ -48,6 +52,7 @@ class ServeOptions:
     max_batch: int = 32  # rows per model call
     max_wait_ms: float = 5.0
     max_body_bytes: int = 32 * 1024 * 1024
+    grpc_port: int | None = None  # where the Open Inference Protocol is also served over gRPC
     metrics_dir: str | None = None  # where several workers add up their metrics (see SharedMetrics)
 
 
@@ -61,6 +66,7 @@ def create_app(model: ServedModel, options: ServeOptions) -> ASGIApp:
     shared = SharedMetrics(metrics, Path(options.metrics_dir)) if options.metrics_dir else None
     executor = ThreadPoolExecutor(thread_name_prefix="nnwheel-predict")
     runner = Runner(model, metrics, batcher, executor, options.max_body_bytes)
+    grpc_server = _grpc_server(runner, options)
 
     async def render_metrics(request: Request) -> Response:
         return Response(shared.render() if shared else metrics.render(), media_type=CONTENT_TYPE)
@@ -68,22 +74,36 @@ def create_app(model: ServedModel, options: ServeOptions) -> ASGIApp:
     routes = [predict_route(runner), Route("/metrics", render_metrics), *OpenInference(runner).routes(), openapi_route(model)]
     app = Starlette(
         routes=routes,
-        lifespan=_lifespan(batcher, shared, executor),
+        lifespan=_lifespan(batcher, shared, executor, grpc_server),
         exception_handlers={RequestFailed: _request_failed, HTTPException: _http_exception, Exception: _unexpected},
     )
     return _Metered(app, metrics)
 
 
-def _lifespan(batcher: Batcher | None, shared: SharedMetrics | None, executor: ThreadPoolExecutor) -> Lifespan:
-    """What runs beside the requests: the batcher, and the publishing of this worker's metrics."""
+def _grpc_server(runner: Runner, options: ServeOptions) -> GrpcServer | None:
+    if options.grpc_port is None:
+        return None
+    from .grpc_service import GrpcServer  # grpcio is optional (nnwheel[grpc]): imported only when asked for
+
+    return GrpcServer(runner, options.host, options.grpc_port, reuse_port=options.workers > 1)
+
+
+def _lifespan(
+    batcher: Batcher | None, shared: SharedMetrics | None, executor: ThreadPoolExecutor, grpc_server: GrpcServer | None
+) -> Lifespan:
+    """What runs beside the requests: the batcher, the gRPC server, and the publishing of this worker's metrics."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(batcher.run())] if batcher else []
         if shared:
             tasks.append(asyncio.create_task(_publish_every_second(shared)))
+        if grpc_server:
+            await grpc_server.start()
         yield
-        # uvicorn has finished every in-flight request by now.
+        # uvicorn has finished every in-flight HTTP request by now; gRPC calls finish while the batcher still runs.
+        if grpc_server:
+            await grpc_server.stop()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -30,6 +30,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
                        "(default: %(default)s)")
     serve.add_argument("--port", type=port, default=8080, help="port (default: %(default)s)")
+    serve.add_argument("--grpc-port", type=port, metavar="PORT",
+                       help="also serve the Open Inference Protocol over gRPC (KServe's GRPCInferenceService) on "
+                       "this port, with the same model, batching and metrics (needs nnwheel[grpc])")
     serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the "
                        "model (default: %(default)s)")
     batching = serve.add_argument_group("micro-batching")
@@ -51,16 +54,23 @@ def _run_serve(args: argparse.Namespace) -> None:
 
     if args.workers < 1 or args.max_batch < 1 or args.max_wait_ms < 0 or args.max_body_mb <= 0:
         raise UsageError("--workers and --max-batch are at least 1, --max-wait-ms at least 0, --max-body-mb above 0")
+    if args.grpc_port is not None and args.grpc_port == args.port:
+        raise UsageError(f"--grpc-port and --port are both {args.port}; gRPC and HTTP need a port each")
     try:
         from .app import ServeOptions
         from .serve import serve
     except ImportError as error:
         raise MissingDependencyError(f"nnwheel serve needs {error.name}: pip install 'nnwheel[serve]'") from None
+    if args.grpc_port is not None:
+        try:
+            from . import grpc_service  # noqa: F401
+        except ImportError as error:
+            raise MissingDependencyError(f"nnwheel serve --grpc-port needs {error.name}: pip install 'nnwheel[grpc]'") from None
     serve(
         ServeOptions(
             name=args.name, host=args.host, port=args.port, workers=args.workers, batching=args.batching,
             inexact_batching=args.inexact_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024), grpc_port=args.grpc_port,
         )
     )
 

@@ -1,7 +1,8 @@
 """The serving metrics, written in the Prometheus text exposition format (version 0.0.4).
 
 Three families are all a dashboard or an autoscaler needs, so they are written by hand rather than
-through a client library: requests by route and status, request latency, and rows per model call.
+through a client library: requests by route and status, request latency, and rows per model call. gRPC
+calls count under their method's path, with the HTTP status of the same answer (400 for INVALID_ARGUMENT).
 Everything is updated from the server's event loop thread, so no locks are needed. Several worker
 processes share theirs through a directory (SharedMetrics), so that /metrics counts for the whole server.
 """
@@ -102,7 +103,7 @@ class ServeMetrics:
 
     def render(self) -> str:
         lines = [
-            "# HELP nnwheel_requests_total HTTP requests answered, by route and status code.",
+            "# HELP nnwheel_requests_total Requests answered, by route (for gRPC, the method's path) and HTTP status code.",
             "# TYPE nnwheel_requests_total counter",
         ]
         for (route, status), count in sorted(self.requests.items()):

@@ -1,4 +1,5 @@
 """Serve an installed model over HTTP: uvicorn runs the app of app.py, in this process or in worker processes.
+With --grpc-port, each of them also serves gRPC, from the app's lifespan.
 
 SIGTERM and SIGINT stop the server once the requests in flight are answered.
 """
@@ -44,6 +45,10 @@ def serve(options: ServeOptions) -> None:
     else:
         describe_installed(options.name)  # a wrong name fails here, not in every worker
         config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, **config_options)
+    if options.grpc_port is not None:
+        # The gRPC server binds as the app starts, with SO_REUSEPORT where workers share the port, which would
+        # not refuse a port that another server holds that way: so the port is tried here first, without it.
+        _listen(options.host, options.grpc_port, "--grpc-port").close()
     sock = _listen(options.host, options.port)
     logger.info("listening on http://%s:%d with %d worker(s)", options.host, options.port, options.workers)
     with sock, _sigterm_is_success():
@@ -80,7 +85,7 @@ def _log_config() -> dict[str, Any]:
     return config
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, option: str = "--port") -> socket.socket:
     # IPPROTO_TCP, not the default 0: asyncio turns Nagle's algorithm off only on sockets that say they are
     # TCP, and with it on every keep-alive response waits some 40 ms for the client's delayed ACK.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -90,7 +95,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         reason = os.strerror(error.errno) if error.errno else str(error)
-        raise ServeError(f"cannot listen on {host}:{port} ({reason}); stop what uses it or pass another --port") from None
+        raise ServeError(f"cannot listen on {host}:{port} ({reason}); stop what uses it or pass another {option}") from None
     return sock
 
 
