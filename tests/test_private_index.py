@@ -199,10 +199,23 @@ def test_tls_with_the_generated_certificate(fresh_pip, tmp_path):
         assert f"--cert {cert}" in published.stdout  # publish trusted the generated certificate by itself
 
         with_password = index_cli(index_dir, "url", "--with-credentials").stdout.strip() + "+simple/"
-        untrusted = pip_install(fresh_pip, with_password, home=tmp_path)
+        untrusted = pip_install(fresh_pip, with_password, "--retries", "0", home=tmp_path)
         assert not installed(untrusted) and "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout + untrusted.stderr
         assert installed(pip_install(fresh_pip, with_password, "--cert", str(cert), home=tmp_path))
         assert get(f"{url}+simple/", cafile=cert)[0] == 401
+
+        # A replica trusts the generated certificate through --primary-cert.
+        replica_dir = tmp_path / "replica"
+        start(replica_dir, "--port", free_port(), "--replica-of", url, "--secret-file", index_dir / "secret",
+              "--private", "--primary-cert", cert)  # fmt: skip
+        try:
+            replica_url = index_cli(replica_dir, "url").stdout.strip()
+            token, _ = read_only_token(index_dir)  # made on the primary, it reaches the replica with the rest
+            wait_until_replicated(url, replica_url, credentials(index_dir), cafile=cert)
+            (tmp_path / ".netrc").write_text(f"machine 127.0.0.1 login nnwheel password {token}\n")
+            assert installed(pip_install(fresh_pip, f"{replica_url}+simple/", home=tmp_path))
+        finally:
+            index_cli(replica_dir, "stop")
     finally:
         index_cli(index_dir, "stop")
 
@@ -223,6 +236,12 @@ def test_beyond_localhost_needs_tls_or_an_explicit_insecure(tmp_path):
         port = taken.getsockname()[1]
         allowed = start(tmp_path / "index", "--host", "0.0.0.0", "--port", port, "--insecure", check=False)
     assert allowed.returncode == 1 and f"cannot listen on 0.0.0.0:{port}" in allowed.stderr
+
+
+def test_a_running_index_is_not_changed_behind_its_back(private_index):
+    public = start(private_index, "--no-private", check=False)
+    assert public.returncode == 2 and "already runs, with other private: stop it first" in public.stderr
+    assert get(index_cli(private_index, "url").stdout.strip() + "+simple/")[0] == 401
 
 
 def test_stop_leaves_no_process(tmp_path):
@@ -251,9 +270,9 @@ def test_a_dead_nginx_is_reported_and_started_again(private_index):
     assert get(f"{url}+simple/")[0] == 401 and get(f"{url}+simple/", credentials(private_index))[0] == 200
 
 
-def wait_until_replicated(primary_url: str, replica_url: str, auth: tuple[str, str]) -> None:
+def wait_until_replicated(primary_url: str, replica_url: str, auth: tuple[str, str], cafile: Path | None = None) -> None:
     """Until the replica has the primary's last change, files included (devpi's /+status, read with credentials)."""
-    primary_serial = json.loads(get(primary_url.rsplit("/", 3)[0] + "/+status", auth)[1])["result"]["serial"]
+    primary_serial = json.loads(get(primary_url.rsplit("/", 3)[0] + "/+status", auth, cafile)[1])["result"]["serial"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         status = json.loads(get(replica_url.rsplit("/", 3)[0] + "/+status", auth)[1])["result"]
@@ -273,10 +292,9 @@ def test_a_replica_of_a_private_primary_is_private_too(private_index, fresh_pip,
     start(replica_dir, "--port", free_port(), "--replica-of", primary_url, *secret, "--private")
     try:
         replica_url = index_cli(replica_dir, "url").stdout.strip()
-        owner = credentials(private_index)
-        wait_until_replicated(primary_url, replica_url, owner)
-        assert get(f"{replica_url}+simple/tiny-model/")[0] == 401
         token, _ = read_only_token(private_index)  # made on the primary, it works on the replica
+        wait_until_replicated(primary_url, replica_url, credentials(private_index))
+        assert get(f"{replica_url}+simple/tiny-model/")[0] == 401
         (tmp_path / ".netrc").write_text(f"machine 127.0.0.1 login nnwheel password {token}\n")
         assert installed(pip_install(fresh_pip, f"{replica_url}+simple/", home=tmp_path))
     finally:

@@ -75,8 +75,6 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_token(actions: argparse._SubParsersAction) -> None:
-    from .tokens import lifetime
-
     token = actions.add_parser("token", help="tokens for machines: create, list, revoke",
                                description="Tokens stand in for the index user's password, in ~/.netrc, a "
                                "keyring or a CI secret: each expires, can be read-only, and can be revoked.")
@@ -84,11 +82,11 @@ def _add_token(actions: argparse._SubParsersAction) -> None:
     create = token_actions.add_parser("create", help="make a token and print it (only this once)",
                                       description="Make a token for the index user and print it on stdout.")
     create.add_argument("--read-only", action="store_true", help="it may read (pip install), never upload")
-    create.add_argument("--expires", type=_checked(lifetime), default="30d", metavar="LIFETIME",
+    create.add_argument("--expires", type=_lifetime, default="30d", metavar="LIFETIME",
                         help="how long it works: 30d, 12h, 90m, 45s (default: 30d, at most 365d)")
     _add_index_dir(create)
     create.set_defaults(run=_run_token_create)
-    for name, run, text in [("list", _run_token_list, "list the tokens that still work: id, access, expiry"),
+    for name, run, text in [("list", _run_token_list, "list the tokens (expired ones too, until revoked): id, access, expiry"),
                             ("revoke", _run_token_revoke, "revoke a token: it stops working at once")]:  # fmt: skip
         action = token_actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         if name == "revoke":
@@ -97,16 +95,13 @@ def _add_token(actions: argparse._SubParsersAction) -> None:
         action.set_defaults(run=run)
 
 
-def _checked(parse):
-    """An argparse type from a parser that raises ValueError with a message for the user."""
+def _lifetime(text: str) -> int:
+    from .tokens import lifetime
 
-    def checked(text: str):
-        try:
-            return parse(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return checked
+    try:
+        return lifetime(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 

@@ -108,9 +108,10 @@ def _check_same_options(running: RunningIndex, config: IndexConfig) -> None:
 
 
 def _start_front(index_dir: Path, config: IndexConfig) -> int:
+    """nginx, and for a private index the proof that it refuses an anonymous read before anyone relies on it."""
     pid = proxy.start(index_dir, config)
-    status = proxy.status_of(config, f"/{config.index_path}/+simple/") if config.private else 401
-    if status != 401:
+    status = proxy.status_of(config, f"/{config.index_path}/+simple/")
+    if config.private and status != 401:
         processes.terminate(proxy.daemon(index_dir), pid)
         raise LocalIndexError(
             f"the private index answered an anonymous read with {status}, so it was stopped: devpi-lockdown is "

@@ -41,8 +41,8 @@ from ..errors import (
 from ..urls import parse_url
 from .index import find_running
 from .index_files import read_credentials
-from .tls import generated_cert
 from .model_wheel import ModelWheel, verify
+from .tls import generated_cert
 
 # PyPI's default per-file limit; projects can ask for more.
 PYPI_FILE_LIMIT = 100 * 1000 * 1000
