@@ -220,6 +220,17 @@ def test_tls_with_the_generated_certificate(fresh_pip, tmp_path):
         index_cli(index_dir, "stop")
 
 
+def test_tls_without_private_serves_anyone_over_https(tmp_path):
+    index_dir = tmp_path / "index"
+    start(index_dir, "--port", free_port(), "--tls")
+    try:
+        url = index_cli(index_dir, "url").stdout.strip()
+        assert get(f"{url}+simple/", cafile=index_dir / "tls" / "cert.pem")[0] == 200
+        assert ", private" not in index_cli(index_dir, "status").stdout
+    finally:
+        index_cli(index_dir, "stop")
+
+
 def test_beyond_localhost_needs_tls_or_an_explicit_insecure(tmp_path):
     for host in ("0.0.0.0", "::", "192.0.2.1", "models.example.com"):
         refused = start(tmp_path / "index", "--host", host, "--private", check=False)
