@@ -168,7 +168,7 @@ def test_to_onnx_refuses_a_conversion_that_changes_the_outputs(tmp_path: Path) -
     )
     assert result.returncode == 1
     assert "ONNX and torch differ" in result.stderr and "without --to onnx" in result.stderr
-    assert list(out.iterdir()) == []
+    assert not out.exists() or list(out.iterdir()) == [], "a failed wrap left files behind"
 
 
 def test_onnx_without_its_external_data_is_refused(digits_onnx: Path, tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_onnx_without_its_external_data_is_refused(digits_onnx: Path, tmp_path: 
     result = nnwheel_without_torch("wrap", alone, "--name", "digits-onnx", "--out", tmp_path / "dist")
     assert result.returncode == 1
     assert "model.onnx.data, which is missing" in result.stderr and "put the data file next to the model" in result.stderr
-    assert list((tmp_path / "dist").iterdir()) == []
+    assert not (tmp_path / "dist").exists() or list((tmp_path / "dist").iterdir()) == [], "a failed wrap left files behind"
 
 
 def test_to_onnx_needs_a_pytorch_source(digits_onnx: Path, tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ def test_bfloat16_inputs_are_refused_at_wrap_time(tmp_path: Path) -> None:
     result = nnwheel_without_torch("wrap", tmp_path / "bf16.onnx", "--name", "bf16", "--out", tmp_path / "dist")
     assert result.returncode == 1
     assert "'x' of bf16.onnx is bfloat16" in result.stderr and "float32 or float16" in result.stderr
-    assert list((tmp_path / "dist").iterdir()) == []
+    assert not (tmp_path / "dist").exists() or list((tmp_path / "dist").iterdir()) == [], "a failed wrap left files behind"
 
 
 def test_to_onnx_refuses_bfloat16_inputs(tmp_path: Path) -> None:
@@ -215,4 +215,4 @@ def test_to_onnx_refuses_bfloat16_inputs(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "input 'input' is bfloat16" in result.stderr and "without --to onnx" in result.stderr
-    assert list((tmp_path / "dist").iterdir()) == []
+    assert not (tmp_path / "dist").exists() or list((tmp_path / "dist").iterdir()) == [], "a failed wrap left files behind"

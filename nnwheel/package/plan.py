@@ -98,9 +98,9 @@ def plan_package(
     cuts = cut(source.tensors, max_file_size) if source.tensors is not None and max_file_size else []
     if max_file_size and source.tensors is None and source.weights_size > max_file_size:
         notes.warning(
-            "%s is a %s file, which goes into the wheel as it is and cannot be split: the wheel is over "
-            "--max-file-size (PyPI refuses it unless the project has a larger limit). Save the weights as a "
-            "state_dict or safetensors file with --arch to have them split",
+            "%s (%s) goes into the wheel as it is and cannot be split: the wheel is over --max-file-size "
+            "(PyPI refuses it unless the project has a larger limit). Weight parts are made for state_dict "
+            "and safetensors checkpoints wrapped with their --arch class",
             source.checkpoint.path, source.checkpoint.format.value,
         )
     if len(cuts) < 2:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import sys
 from importlib.resources import as_file
-from importlib.resources.abc import Traversable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if "keras" not in sys.modules:
     os.environ["KERAS_BACKEND"] = "torch"
 import keras  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; the package runs on 3.9 too
+    from importlib.resources.abc import Traversable
 
 if keras.config.backend() != "torch":
     raise ImportError(

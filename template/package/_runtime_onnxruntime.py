@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.resources import as_file
-from importlib.resources.abc import Traversable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; the package runs on 3.9 too
+    from importlib.resources.abc import Traversable
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,13 @@ import importlib
 import json
 import sys
 from importlib.resources import as_file, files
-from importlib.resources.abc import Traversable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy
 import torch
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; the package runs on 3.9 too
+    from importlib.resources.abc import Traversable
 
 
 # id(model) -> the device load() put it on. Finding it from the model's parameters at each call would cost

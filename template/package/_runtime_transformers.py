@@ -14,8 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from importlib.resources import as_file
-from importlib.resources.abc import Traversable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 # Everything the model needs is in this package: never ask the Hugging Face Hub, even for an update check.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +23,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; the package runs on 3.9 too
+    from importlib.resources.abc import Traversable
 
 
 class TextModel(NamedTuple):
