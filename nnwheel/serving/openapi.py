@@ -1,9 +1,10 @@
 """The server's OpenAPI 3.1 document, made from the served model's schema: what GET /openapi.json answers.
 
-It describes every route a client or a fuzzer may call: the bodies /predict and V2 infer take (each input's
+It describes every HTTP route a client or a fuzzer may call: the bodies /predict and V2 infer take (each input's
 dtype and shape as JSON Schema: the dtype's range, the fixed sizes), what they answer, and the one shape of
 every client error: a 4xx with {"error": "..."}. What JSON Schema cannot say (a V2 tensor's data must hold as
-many values as its shape) is checked by the server and answered with a 400.
+many values as its shape) is checked by the server and answered with a 400. The binary tensor data extension is
+left out: its bodies are not JSON.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def openapi_document(model: ServedModel) -> dict[str, Any]:
     for prefix, parameters in (("/v2/models/{name}", [name]), ("/v2/models/{name}/versions/{version}", [name, version])):
         paths[prefix] = {"get": _get("The model's inputs and outputs", _model_metadata(model), parameters)}
         paths[f"{prefix}/ready"] = {"get": _get("Whether the model is ready", _model_ready(model), parameters)}
+        paths[f"{prefix}/config"] = {"get": _get("The model's configuration (Triton's)", _config(model), parameters)}
         infer = _post("Run the model (Open Inference Protocol)", _infer_body(model), _infer_reply(model), parameters)
         paths[f"{prefix}/infer"] = {"post": infer}
     return {
@@ -220,6 +222,12 @@ def _model_metadata(model: ServedModel) -> dict[str, Any]:
                                                     "shape": {"type": "array", "items": {"type": "integer"}}})}
     return _object({"name": {"const": model.name}, "versions": {"type": "array", "items": {"type": "string"}},
                     "platform": {"type": "string"}, "inputs": described, "outputs": described})
+
+
+def _config(model: ServedModel) -> dict[str, Any]:
+    tensors = {"type": "array", "items": {"type": "object"}}
+    properties = {"name": {"const": model.name}, "max_batch_size": {"type": "integer"}, "input": tensors, "output": tensors}
+    return _object(properties)
 
 
 def _model_ready(model: ServedModel) -> dict[str, Any]:
