@@ -154,6 +154,15 @@ def model_calls(server) -> float:
     return float(re.search(r"^nnwheel_batch_rows_count (\S+)$", httpx.get(f"{server.url}/metrics").text, re.M)[1])
 
 
+def assert_batched_and_equal_to_predict(env, tmp_path: Path, samples: list, results: list, calls: float) -> None:
+    """Each request's outputs are predict()'s for its rows, bit for bit, and requests shared model calls."""
+    x, mask = (np.concatenate(parts) for parts in zip(*samples))
+    expected = predict_in_process(env, tmp_path, x, mask)
+    for name in ("scaled", "count"):
+        np.testing.assert_array_equal(np.concatenate([result.as_numpy(name) for result in results]), expected[name], strict=True)
+    assert calls < len(samples) / 2, f"{len(samples)} concurrent requests took {calls} model calls: no batching"
+
+
 def test_concurrent_binary_requests_are_batched_and_equal_to_predict(env, server, tmp_path):
     samples = [rows(1 + i % 3, seed=i) for i in range(64)]
 
@@ -163,12 +172,7 @@ def test_concurrent_binary_requests_are_batched_and_equal_to_predict(env, server
 
     before = model_calls(server)
     results = asyncio.run(infer_all())
-    calls = model_calls(server) - before
-    x, mask = (np.concatenate(parts) for parts in zip(*samples))
-    expected = predict_in_process(env, tmp_path, x, mask)
-    np.testing.assert_array_equal(np.concatenate([r.as_numpy("scaled") for r in results]), expected["scaled"], strict=True)
-    np.testing.assert_array_equal(np.concatenate([r.as_numpy("count") for r in results]), expected["count"], strict=True)
-    assert calls < len(samples) / 2, f"{len(samples)} concurrent requests took {calls} model calls: no batching"
+    assert_batched_and_equal_to_predict(env, tmp_path, samples, results, model_calls(server) - before)
 
 
 def binary_request(header: dict, *data: bytes, length: int | str | None = None) -> tuple[bytes, dict]:
@@ -365,12 +369,7 @@ def test_concurrent_grpc_requests_share_the_batcher_and_the_metrics(env, server,
 
     before, counted_before = model_calls(server), grpc_infers(server)
     results = asyncio.run(infer_all())
-    calls = model_calls(server) - before
-    x, mask = (np.concatenate(parts) for parts in zip(*samples))
-    expected = predict_in_process(env, tmp_path, x, mask)
-    np.testing.assert_array_equal(np.concatenate([r.as_numpy("scaled") for r in results]), expected["scaled"], strict=True)
-    np.testing.assert_array_equal(np.concatenate([r.as_numpy("count") for r in results]), expected["count"], strict=True)
-    assert calls < len(samples) / 2, f"{len(samples)} concurrent requests took {calls} model calls: no batching"
+    assert_batched_and_equal_to_predict(env, tmp_path, samples, results, model_calls(server) - before)
     assert grpc_infers(server) - counted_before == len(samples)
 
 

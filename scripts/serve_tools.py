@@ -1,0 +1,131 @@
+"""What scripts/loadtest and scripts/serve_bench share: .venv's Python, a venv with a wrapped model installed,
+nnwheel serve on a free 127.0.0.1 port, wrk, and the model calls counted in /metrics. Standard library only,
+so that a script can import it before it runs itself again in .venv."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+import venv
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+def run_in_venv(script: str) -> None:
+    """Run `script` again with .venv's Python, where nnwheel and torch are, unless it already runs there."""
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve() and VENV_PYTHON.exists():
+        os.execv(VENV_PYTHON, [str(VENV_PYTHON), script, *sys.argv[1:]])
+
+
+def ensure_wrk() -> str:
+    if not shutil.which("wrk") and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing wrk with apt-get", file=sys.stderr)
+        if subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], capture_output=True)
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("this benchmark needs wrk, the HTTP load generator: apt-get install wrk (or brew install wrk)")
+    return wrk
+
+
+def wrap(checkpoint: Path, out: Path, *options: str) -> Path:
+    """nnwheel wrap CHECKPOINT OPTIONS...: the model's wheel."""
+    wrapped = subprocess.run(
+        [sys.executable, "-m", "nnwheel", "wrap", checkpoint, *options, "--out", out], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    return Path(wrapped.stdout.strip().splitlines()[-1])
+
+
+def install(wheel: Path, env: Path) -> Path:
+    """A fresh venv at `env` that sees .venv's packages, with `wheel` pip-installed: its Python."""
+    venv.EnvBuilder(with_pip=True, symlinks=True).create(env)
+    site = sysconfig.get_paths()["purelib"]
+    own_site = env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (own_site / "zz-serve-tools.pth").write_text(f"import site; site.addsitedir({site!r})\n")
+    subprocess.run([env / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", wheel], check=True)
+    return env / "bin" / "python"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(python: Path, name: str, options: list[str], log: Path) -> Iterator[str]:
+    """`nnwheel serve NAME OPTIONS...` on a free port until it answers /v2/health/ready: its URL. Stopped by SIGTERM."""
+    port = free_port()
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [python, "-m", "nnwheel", "serve", name, "--host", "127.0.0.1", "--port", str(port), *options],
+            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"nnwheel serve did not start:\n{log.read_text()}")
+            try:
+                urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(60)
+
+
+def batching_line(log: Path) -> str:
+    match = re.search(r"batching (.*)", log.read_text())
+    return match[1] if match else "?"
+
+
+def model_calls(url: str) -> tuple[float, float]:
+    """(model calls, rows) so far, from the server's /metrics."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    count = re.search(r"^nnwheel_batch_rows_count (\S+)$", text, re.MULTILINE)
+    rows = re.search(r"^nnwheel_batch_rows_sum (\S+)$", text, re.MULTILINE)
+    return float(count[1]), float(rows[1])
+
+
+@dataclass(frozen=True)
+class Load:
+    rate: float  # requests per second
+    p50_ms: float
+    p99_ms: float
+    errors: int  # non-2xx answers and socket errors
+
+
+def wrk_load(wrk: str, script: Path, url: str, clients: int, seconds: int) -> Load:
+    """wrk on `url` with `clients` keep-alive connections, each request as the Lua `script` makes it."""
+    output = subprocess.run(
+        [wrk, "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", script, url],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip (--timeout: a slow answer counts in the latencies, not as an error)
+    if "Latency Distribution" not in output:
+        sys.exit(f"wrk got no answer from {url}:\n{output}")
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])
+    errors = sum(map(int, re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout):? (\d+)", output)))
+    return Load(rate, _milliseconds(output, "50%"), _milliseconds(output, "99%"), errors)
+
+
+def _milliseconds(output: str, percentile: str) -> float:
+    value, unit = re.search(rf"^\s+{percentile}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE).groups()
+    return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
