@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .index_files import IndexConfig, write_private
+from .tls import trusting
 
 
 def refuse_if_private(config: IndexConfig) -> None:
@@ -45,4 +46,4 @@ def environment(index_dir: Path, config: IndexConfig) -> dict[str, str] | None:
 
 
 def _context(config: IndexConfig) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=config.primary_cert)
+    return trusting(config.primary_cert, "--primary-cert") if config.primary_cert else ssl.create_default_context()

@@ -42,7 +42,7 @@ from ..urls import parse_url
 from .index import find_running
 from .index_files import read_credentials
 from .model_wheel import ModelWheel, verify
-from .tls import generated_cert
+from .tls import generated_cert, trusting
 
 # PyPI's default per-file limit; projects can ask for more.
 PYPI_FILE_LIMIT = 100 * 1000 * 1000
@@ -227,7 +227,7 @@ def _request(target: Target, url: str) -> urllib.request.Request:
 
 
 def _context(target: Target) -> ssl.SSLContext | None:
-    return ssl.create_default_context(cafile=target.cert) if target.cert else None
+    return trusting(target.cert, "--cert") if target.cert else None
 
 
 def _fetch(target: Target, url: str) -> bytes:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import ssl
 from pathlib import Path
 
+from ..errors import UsageError
 from .index_files import IndexConfig, write_private
 
 VALID_DAYS = 825
@@ -102,6 +104,15 @@ def _generate(cert: Path, key: Path, names: set[str]) -> None:
         ),
     )
     cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def trusting(ca_file: str, option: str) -> ssl.SSLContext:
+    """A client context that trusts the CA file a user gave with `option`: one that is missing or holds no PEM
+    certificate is a UsageError, before anything connects."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except OSError as error:  # ssl.SSLError for a file without a certificate
+        raise UsageError(f"{option} {ca_file} is not a CA certificate ({error.strerror or error}): give the CA's PEM file") from None
 
 
 def _is_address(name: str) -> bool:
