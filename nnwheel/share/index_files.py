@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import typing
 import urllib.parse
 from dataclasses import MISSING, dataclass, fields, replace
@@ -34,6 +35,8 @@ INDEX_NAME = "models"
 _ELSEWHERE = "or give the index another directory with --dir (or NNWHEEL_INDEX_DIR)"
 _CONFIG_ADVICE = f"fix or delete it (a start then takes the defaults and the options given), {_ELSEWHERE}"
 _CREDENTIALS_ADVICE = "restore it from a backup, or start a new index in another directory with --dir"
+# What devpi-server takes for a user name: it goes into every URL of the index unquoted.
+_USER_NAME = re.compile(r"[\w.@-]+")
 
 
 def default_dir() -> Path:
@@ -108,6 +111,8 @@ def configure(index_dir: Path, **overrides: object) -> IndexConfig:
         if name in given:
             given[name] = str(Path(str(given[name])).resolve())  # later starts may run from elsewhere
     config = _with_parsed_urls(replace(read_config(index_dir), **given), "--host", "--replica-of")
+    if not _USER_NAME.fullmatch(config.user):
+        raise UsageError(f"--user {config.user!r}: a user name is letters, digits, '.', '_', '-' and '@', e.g. ml-team")
     _check_exposure(config)
     return config
 
