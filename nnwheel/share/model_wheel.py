@@ -67,7 +67,8 @@ class ModelWheel:
 def read_model_wheel(path: Path) -> ModelWheel:
     """The wheel's name and version; refuses anything that is not a wheel made by nnwheel."""
     if not path.is_file():
-        raise NotAModelWheelError(f"{path} does not exist")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise NotAModelWheelError(f"{path} {what}: give the .whl files, e.g. nnwheel publish dist/*.whl")
     try:
         project, version, _, _ = parse_wheel_filename(path.name)
     except InvalidWheelFilename:
