@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import SchemaError, UsageError
+from .errors import SchemaError, UsageError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ def load_example(path: Path) -> list[Any]:
 
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # numpy and torch raise many kinds for a bad file
-        raise UsageError(f"--example {path} cannot be read safely ({error}); use .npy or a .pt of tensors") from None
+        raise UsageError(f"--example {path} cannot be read safely ({first_line(error)}); use .npy or a .pt of tensors") from None
     tensors = list(loaded) if isinstance(loaded, (tuple, list)) else [loaded]
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise UsageError(f"--example {path} must hold a tensor or a tuple of tensors")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..names import PackageName, parse_package_name, parse_version
 from ..sources.source import ModelSource
 from .render import ProjectMetadata
@@ -56,7 +56,7 @@ def _check_requirements(requires: Sequence[str]) -> tuple[str, ...]:
         try:
             Requirement(text)
         except InvalidRequirement as error:
-            raise UsageError(f"--requires {text!r} is not a valid requirement ({error}); e.g. 'pillow>=10'") from None
+            raise UsageError(f"--requires {text!r} is not a valid requirement ({first_line(error)}); e.g. 'pillow>=10'") from None
     return tuple(requires)
 
 
