@@ -25,10 +25,21 @@ _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
 
 
 def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
+    placed = _usable(device)
     model = _load(manifest, package_files, device)
-    placed = torch.device(device)
     _devices[id(model)] = _CPU if placed == _CPU else placed  # run() tells the CPU by identity
     return model
+
+
+def _usable(device: str) -> torch.device:
+    """The device, once torch can put a tensor on it: a ValueError that names it, not an error of the loading."""
+    try:
+        placed = torch.device(device)
+        torch.empty(0, device=placed)
+    except (RuntimeError, AssertionError) as error:  # an unknown name; CUDA absent from this torch or machine
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"device {device!r} cannot be used here ({reason}); use device='cpu' or one this machine has") from None
+    return placed
 
 
 def _load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
