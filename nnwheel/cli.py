@@ -214,13 +214,14 @@ def _add_list(commands: argparse._SubParsersAction) -> None:
 def _run_list(args: argparse.Namespace) -> None:
     import importlib.metadata
 
-    from .models import installed_models
+    from .models import ENTRY_POINT_GROUP
 
-    models = installed_models()
-    if not models:
+    entries = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    if not entries:
         print("no model packages installed (pip install one, or nnwheel wrap a checkpoint)", file=sys.stderr)
-    for name, package in sorted(models.items()):
-        print(f"{name}  {importlib.metadata.version(name)}  (import {package})")
+    # The version of the distribution that declares the model: another package may declare one of another name.
+    for entry in sorted(entries, key=lambda entry: entry.name):
+        print(f"{entry.name}  {entry.dist.version if entry.dist else '?'}  (import {entry.value})")
 
 
 def _add_verify(commands: argparse._SubParsersAction) -> None:
