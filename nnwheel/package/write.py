@@ -13,10 +13,11 @@ complete, parts first: no directory an index is fed from ever holds a model's wh
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import ExistingWheelError, OutputError
@@ -33,11 +34,7 @@ def write_wheels(
 ) -> list[Path]:
     """The wheels of `projects` (the parts, then the model), in out_dir; their paths, the model's last. A file
     of the same name there with other content is replaced only with `overwrite`."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create the output directory {out_dir} ({error.strerror}); choose another --out") from None
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".nnwheel-") as staging:
+    with _output_dir(out_dir), tempfile.TemporaryDirectory(dir=out_dir, prefix=".nnwheel-") as staging:
         while (written := _write_all(projects, trial, Path(staging), complete)) is None:
             for project in projects:
                 if project.tensors is not None:
@@ -62,6 +59,23 @@ def _refuse_other_content(wheel: Path, existing: Path) -> None:
             "(indexes and pip's cache keep the first file of a name): wrap a new --version, or pass --overwrite "
             "to replace it. Wrapping the same model again needs neither."
         )
+
+
+@contextlib.contextmanager
+def _output_dir(out_dir: Path) -> Iterator[None]:
+    """out_dir, made where it is missing; what was made for it is removed again when the wheels fail."""
+    made = [path for path in (out_dir, *out_dir.parents) if not path.exists()]  # the deepest first
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the output directory {out_dir} ({error.strerror}); choose another --out") from None
+    try:
+        yield
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                path.rmdir()
+        raise
 
 
 def _write_all(projects: Sequence[Project], trial: Trial, staging: Path, complete: Complete) -> list[Path] | None:

@@ -21,8 +21,8 @@ from starlette.routing import Route
 from .. import __version__
 from ..schema import TensorSpec
 from .bodies import CompactJSONResponse
-from .model import ServedModel
 from .inference import v2_datatype
+from .model import ServedModel
 
 # The largest finite value of each float dtype: JSON has no NaN or infinities, and the server refuses a number
 # its dtype cannot hold.
