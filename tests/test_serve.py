@@ -183,7 +183,7 @@ BAD_REQUESTS = [
     ("no data", "POST", "/predict", {"inputs": ROW}, 400, '{"data": ...}'),
     ("wrong shape", "POST", "/predict", {"data": [1.0, 2.0]}, 400, "has shape (2,), expected (any, 64)"),
     ("ragged rows", "POST", "/predict", {"data": [ROW, [1.0]]}, 400, "rectangular"),
-    ("strings", "POST", "/predict", {"data": ["a"] * 64}, 400, "cannot become a float32 array"),
+    ("strings", "POST", "/predict", {"data": ["a"] * 64}, 400, "has a string at data[0]"),
     ("V2 wrong datatype", "POST", "/v2/models/digits-mlp/infer",
      {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": [1] * 64}]}, 400, "the model takes FP32"),
     ("V2 shape and data disagree", "POST", "/v2/models/digits-mlp/infer",
