@@ -82,6 +82,7 @@ def wrap(request: WrapRequest) -> list[Path]:
                         if project.tensors is not None:
                             project.lay_out_tensors(fit, deferred=is_large(source.weights_size))
                 if finish_first:
+                    projects[-1].write_tensors()  # read by the conversion, or copied to --source-dir
                     projects = [_finished(projects[-1], complete(()), request, details, example, Path(tmp))]
                     complete = _nothing_left
                 return write_wheels(projects, trial, request.out_dir, complete, request.overwrite)
@@ -108,7 +109,6 @@ def _finished(
 ) -> Project:
     """The completed package, converted with --to onnx, and copied to --source-dir."""
     if request.to == "onnx":
-        project.write_tensors()
         project = convert_to_onnx(project.package, manifest, details, example, work)
     if request.source_dir is not None:
         _copy_project(project, request.source_dir)

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -368,6 +369,28 @@ def test_weights_streamed_into_the_wheel_give_the_same_wheel(tmp_path, tagger, m
 
     assert streamed.read_bytes() == plain.read_bytes()
     assert writes == ([] if class_name == "Tagger" else ["model.safetensors"])
+
+
+def test_large_weights_are_written_into_the_package_for_source_dir(tmp_path, tagger, monkeypatch):
+    """--source-dir copies the finished package: large weights are written into it first, not streamed."""
+    from nnwheel.schema import specs_from_shapes
+    from nnwheel.sources.arch import parse_arch
+    from nnwheel.wrap import WrapRequest
+    from nnwheel.wrap import wrap as wrap_in_process
+
+    arch_file, model = tagger
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    request = WrapRequest(
+        tmp_path / "model.pth", "streamed", arch=parse_arch(f"{arch_file}:Tagger", None, []),
+        input_specs=tuple(specs_from_shapes([(-1, 7), (-1, 1)], ["int64", "float32"])),
+    )
+    (plain,) = wrap_in_process(replace(request, out_dir=tmp_path / "plain"))
+    monkeypatch.setattr(source_module, "LARGE_ABOVE_BYTES", 0)
+    (large,) = wrap_in_process(replace(request, out_dir=tmp_path / "large", source_dir=tmp_path / "project"))
+    assert large.read_bytes() == plain.read_bytes()
+    weights = tmp_path / "project" / "streamed" / "model.safetensors"
+    with zipfile.ZipFile(large) as archive:
+        assert weights.read_bytes() == archive.read("streamed/model.safetensors")
 
 
 def _tiny_project(root: Path) -> Path:
