@@ -100,7 +100,8 @@ def detect_format(path: Path) -> Format:
         return Format.ONNX
     raise CheckpointError(
         f"{path} is not a checkpoint nnwheel can read (not a torch.save pickle, safetensors, "
-        "torch.export .pt2, TorchScript archive, ONNX model or Keras .keras/.h5 file); it may be corrupt"
+        "torch.export .pt2, TorchScript archive, ONNX model or Keras .keras/.h5 file); it may be corrupt or cut short: "
+        "save or copy it again"
     )
 
 

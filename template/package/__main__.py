@@ -18,12 +18,15 @@ from . import IntegrityError, info, predict, verify
 def _read_input(name: str) -> Any:
     import numpy as np
 
-    if name == "-":
-        return json.load(sys.stdin)
-    if name.endswith(".npy"):
-        return np.load(name, allow_pickle=False)
-    with open(name, encoding="utf-8") as file:
-        return json.load(file)
+    try:
+        if name == "-":
+            return json.load(sys.stdin)
+        if name.endswith(".npy"):
+            return np.load(name, allow_pickle=False)
+        with open(name, encoding="utf-8") as file:
+            return json.load(file)
+    except ValueError as error:  # not JSON (or not UTF-8), or a .npy of pickled objects: say which input
+        raise ValueError(f"--input {name} cannot be read ({error}); give JSON nested lists or a .npy array") from None
 
 
 def _to_json(outputs: Any) -> Any:
