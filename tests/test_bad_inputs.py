@@ -30,6 +30,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -641,3 +642,52 @@ def test_list_names_a_model_whose_entry_point_is_not_named_after_its_distributio
     result = subprocess.run([sys.executable, "-m", "nnwheel", "list"], capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "fancy-model  2.0  (import fancy_model)" in result.stdout.splitlines()
+
+
+# wrap in a new process, where another process truncates the checkpoint while a window of it is mapped and
+# before it is read: without the lease that filemap takes, reading the window would end wrap with SIGBUS.
+CUT_WHILE_MAPPED = """
+import subprocess, sys, time
+from pathlib import Path
+import nnwheel.filemap as filemap
+
+filemap.WINDOW_BYTES = 1 << 16  # many windows, so that one comes after the truncation
+original, cutters = filemap.mapped_chunks, []
+
+def cut_while_mapped(path, offset=0, size=None):
+    for chunk in original(path, offset, size):
+        if not cutters:
+            cutters.append(subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({str(path)!r}, 4096)"]))
+            inode = f":{path.stat().st_ino} "  # until the truncation waits for the lease, or (without one) is done
+            while cutters[0].poll() is None and not any(
+                inode in line and "BREAKING" in line for line in Path("/proc/locks").read_text().splitlines()
+            ):
+                time.sleep(0.01)
+        yield chunk
+
+filemap.mapped_chunks = cut_while_mapped
+from nnwheel.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_truncated_under_a_mapped_window_is_one_error_line_not_sigbus(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "wide.py").write_text(
+        "import torch\n\nclass Wide(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(1024, 1024)\n"
+    )
+    save_file(torch.nn.Linear(1024, 1024).state_dict(), tmp_path / "wide.safetensors")  # 4 MiB: 64 windows
+    command = [sys.executable, "-c", CUT_WHILE_MAPPED, "wrap", "wide.safetensors", "--name", "wide", "--arch",
+               "wide.py:Wide", "--input-shape", "-1,1024", "--out", "dist"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, f"exit {result.returncode}: {result.stderr}"  # SIGBUS: -7
+    assert result.stderr.strip().splitlines() == [
+        "error: wide.safetensors is being written while it is read; wrap it again once it is saved"
+    ]
+    assert not (tmp_path / "dist").exists()
+    deadline = time.monotonic() + 30
+    while (tmp_path / "wide.safetensors").stat().st_size != 4096:  # the truncation goes ahead once wrap lets go
+        assert time.monotonic() < deadline, "the truncation never went ahead"
+        time.sleep(0.05)
