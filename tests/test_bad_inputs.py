@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLE, DevpiIndex, free_port, tiny_model_wheel
+from test_filemap import skip_without_leases
 
 from nnwheel.cli import main
 
@@ -679,6 +680,7 @@ def test_a_checkpoint_truncated_under_a_mapped_window_is_one_error_line_not_sigb
         "import torch\n\nclass Wide(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(1024, 1024)\n"
     )
     save_file(torch.nn.Linear(1024, 1024).state_dict(), tmp_path / "wide.safetensors")  # 4 MiB: 64 windows
+    skip_without_leases(tmp_path / "wide.safetensors")
     command = [sys.executable, "-c", CUT_WHILE_MAPPED, "wrap", "wide.safetensors", "--name", "wide", "--arch",
                "wide.py:Wide", "--input-shape", "-1,1024", "--out", "dist"]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
