@@ -78,6 +78,7 @@ def start(index_dir: Path, config: IndexConfig, secret_file: Path | None = None)
     """Start devpi-server (and nginx) for index_dir unless it already runs; True when this call started one."""
     index_dir = index_dir.resolve()
     with _exclusive(index_dir):
+        processes.end_orphans(proxy.daemon(index_dir))  # a killed nginx's workers, which still hold the port
         running = find_running(index_dir)
         if running is not None:
             _check_same_options(running, config)
@@ -150,6 +151,8 @@ def stop(index_dir: Path) -> RunningIndex | None:
         front_pid = processes.running_pid(front)  # also an nginx whose devpi-server has died
         if front_pid is not None:
             processes.terminate(front, front_pid)
+        else:
+            processes.end_orphans(front)  # the workers of an nginx killed with SIGKILL
         if running is not None:
             processes.terminate(_devpi(index_dir), running.pid)
             socket_path(index_dir).unlink(missing_ok=True)

@@ -2,11 +2,13 @@
 
 Each is launched detached from this command, with its pid recorded in a file of the index directory; it is
 found again by that pid only while /proc shows a live process whose command line still names the index's
-directory (a reused pid is not ours), and stopped with SIGTERM, waiting until it has gone.
+directory (a reused pid is not ours), and stopped with SIGTERM, waiting until it has gone. Each runs in a
+session and process group of its own, which is how what it forked is found once it has died itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,8 +42,9 @@ def launch(daemon: Daemon, command: list[str], env: dict[str, str] | None = None
 
 
 def kill(daemon: Daemon, process: subprocess.Popen) -> None:
-    """End a process this command launched and that failed to start."""
-    process.kill()
+    """End a process this command launched and that failed to start, with what it forked (nginx's workers)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)  # its group: launch gave it a session of its own
     process.wait()
     daemon.pidfile.unlink(missing_ok=True)
 
@@ -70,6 +73,48 @@ def terminate(daemon: Daemon, pid: int) -> None:
             )
         time.sleep(0.1)
     daemon.pidfile.unlink(missing_ok=True)
+
+
+def end_orphans(daemon: Daemon) -> None:
+    """End what outlived the recorded process, and forget its pid: nginx's workers outlive a master killed with
+    SIGKILL (the OOM killer's signal) and go on holding its port. They are the live members of its process
+    group that hold its log open; Linux gives no new process the pid of a group that still has members."""
+    pid = _read_pid(daemon.pidfile)
+    if pid is None or _is_ours(pid, daemon.marker):
+        return
+    orphans = [member for member in _group(pid) if _holds_open(member, daemon.log)]
+    for orphan in orphans:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while set(orphans) & set(_group(pid)):
+        if time.monotonic() > deadline:
+            raise LocalIndexError(
+                f"what {daemon.name} left running (pids {orphans}) did not stop within {STOP_TIMEOUT_S:.0f} s; "
+                f"see {daemon.log}"
+            )
+        time.sleep(0.1)
+    daemon.pidfile.unlink(missing_ok=True)
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of a process group, from /proc (none where there is no /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, group = stat.read_text().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _holds_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
 
 
 def _read_pid(pidfile: Path) -> int | None:
