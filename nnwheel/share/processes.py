@@ -21,6 +21,9 @@ from ..errors import LocalIndexError
 from .index_files import unusable
 
 STOP_TIMEOUT_S = 30.0
+# What nnwheel reads credentials from, or tells users to keep them in: a start run from such a shell must not
+# leave them in the environment of servers that run for weeks.
+CREDENTIAL_VARIABLES = ("NNWHEEL_INDEX_PASSWORD", "TWINE_PASSWORD", "PIP_INDEX_URL", "UV_INDEX_URL")
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,10 @@ class Daemon:
 
 def launch(daemon: Daemon, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start command in its own session (it outlives this command and ignores its Ctrl-C); record its pid."""
+    clean = {name: value for name, value in (os.environ if env is None else env).items() if name not in CREDENTIAL_VARIABLES}
     with open(daemon.log, "ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean, start_new_session=True
         )
     daemon.pidfile.write_text(f"{process.pid}\n")
     return process
