@@ -125,12 +125,7 @@ def _from_pypirc(name: str, user: str | None, password: str | None) -> Target:
     url = _upload_url(
         parse_url(str(config["repository"]), f"{pypirc} [{name}] repository", "give them as username and password there")
     )
-    return Target(
-        url,
-        _simple_url(url),
-        user or config.get("username"),
-        password or config.get("password"),
-    )
+    return Target(url, _simple_url(url), user or config.get("username"), password or config.get("password"))
 
 
 def _upload_url(url: str) -> str:
@@ -238,6 +233,11 @@ def _fetch(target: Target, url: str) -> bytes:
         raise
     except (TimeoutError, urllib.error.URLError, ConnectionError) as error:
         reason = getattr(error, "reason", error)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # it answered: "check that it runs" would mislead
+            raise IndexUnreachableError(
+                f"{target.upload_url} has a certificate this machine does not trust ({reason.verify_message}): "
+                "pass --cert with the CA file that signed it (for an nnwheel index, a copy of its DIR/tls/cert.pem)"
+            ) from None
         raise IndexUnreachableError(
             f"cannot reach the index at {target.upload_url} ({_describe(reason)}): check the URL, "
             "and that the server runs (`nnwheel index status` for the local one)"
