@@ -27,6 +27,8 @@ from .index_files import IndexConfig, socket_path
 from .tls import certificate_files
 
 START_TIMEOUT_S = 30.0
+# Where nginx is looked for after PATH: /usr/sbin is where Debian puts it, often not on an ordinary user's PATH.
+SYSTEM_DIRS = ("/usr/sbin", "/usr/local/sbin")
 NO_CREDENTIALS = (
     "401: this nnwheel index is private and the request had no credentials. On the index's machine, "
     "`nnwheel index token create --read-only` makes a token for ~/.netrc (machine HOST login USER password "
@@ -202,8 +204,7 @@ def _tail(log: Path, lines: int = 10) -> str:
 
 
 def _nginx_command() -> str:
-    # /usr/sbin is where Debian puts it, and often not on an ordinary user's PATH.
-    found = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]))
+    found = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), *SYSTEM_DIRS]))
     if found is None:
         raise MissingDependencyError(
             "a private or TLS index runs nginx in front of devpi-server, and nginx is not installed: "
