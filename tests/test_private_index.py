@@ -92,17 +92,19 @@ def fresh_pip(tmp_path_factory) -> Venv:
     return make_venv(tmp_path_factory.mktemp("fresh") / "venv", inherit=False)
 
 
-def pip_install(env: Venv, index_url: str, *options: str, home: Path, extra_env: dict | None = None):
-    """pip install tiny-model into a new folder, with HOME (and so ~/.netrc) of the test's choosing."""
+def pip_install(env: Venv, index_url: str, *options: str, home: Path, extra_env: dict | None = None, verbose: bool = True):
+    """pip install tiny-model into a new folder, with HOME (and so ~/.netrc) of the test's choosing; -vv unless
+    the test wants what a user sees by default."""
     target = home / f"installed-{time.monotonic_ns()}"
     clean = {k: v for k, v in os.environ.items() if k not in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT")}
     # This machine points requests at its CA bundle, which would win over pip's --cert.
     run_env = {**clean, "HOME": str(home), "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
                **(extra_env or {})}  # fmt: skip
-    command = [str(env.python), "-m", "pip", "install", "-vv", "--no-input", "--no-deps", "--target", str(target)]
+    command = [str(env.python), "-m", "pip", "install", *(["-vv"] if verbose else []), "--no-input", "--no-deps",
+               "--target", str(target)]  # fmt: skip
     if index_url:
         command += ["--index-url", index_url]
-    return subprocess.run([*command, *options, "tiny-model"], env=run_env, capture_output=True, text=True)
+    return subprocess.run([*command, *options, "tiny-model"], check=False, env=run_env, capture_output=True, text=True)
 
 
 def installed(result: subprocess.CompletedProcess) -> bool:
