@@ -76,7 +76,8 @@ class Wide(Small):
 
 
 def test_of_two_classes_the_one_that_fits_is_used(tmp_path, capsys):
-    directory = model_dir(tmp_path, TWO_CLASSES, "Wide")
+    guarded = TWO_CLASSES + '\n\nif __name__ == "__main__":  # run as a script only: the file is still imported\n    train()\n'
+    directory = model_dir(tmp_path, guarded, "Wide")
     code, out, err = wrap(capsys, directory / "model.pth", tmp_path / "dist")
     assert code == 0, err
     assert "using model.py:Wide, the one class beside model.pth" in err
@@ -98,7 +99,8 @@ def test_no_class_fits_names_every_candidate_and_runs_no_script(tmp_path, capsys
         open({str(marker)!r}, "w").close()  # a training script's work, which discovery must never run
     """
     source = TWO_CLASSES + "\n\nclass Needs(nn.Module):\n    def __init__(self, hidden):\n        super().__init__()\n"
-    directory = model_dir(tmp_path, source, "Small", {"width": 5}, files={"train.py": train})
+    inverted = "from torch import nn\n\nclass Other(nn.Module):\n    pass\n\nif __name__ != '__main__':\n    train()\n"
+    directory = model_dir(tmp_path, source, "Small", {"width": 5}, files={"train.py": train, "tool.py": inverted})
     code, out, err = wrap(capsys, directory / "model.pth", tmp_path / "dist")
     assert code != 0 and out == ""
     line = err.strip()
@@ -107,7 +109,7 @@ def test_no_class_fits_names_every_candidate_and_runs_no_script(tmp_path, capsys
     assert "model.py:Small (shapes differ: fc.weight, fc.bias)" in line
     assert "model.py:Wide (shapes differ" in line
     assert "model.py:Needs (its constructor needs arguments)" in line
-    assert "train.py not imported: they run code at import" in line
+    assert "tool.py, train.py not imported: they run code at import" in line
     assert "--arch FILE.py:CLASS" in line
     assert not marker.exists()
 

@@ -113,6 +113,22 @@ def test_a_classifier_gives_each_text_its_label_and_scores(classifier_dir, tmp_p
     assert [name for name in stored if name.endswith(".safetensors")] == ["my_sentiment/model/model.safetensors"]
 
 
+def test_sharded_weights_go_in_with_their_index(tmp_path, capsys):
+    model = transformers.BertForSequenceClassification(config(id2label=LABELS))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    tokenizer().save_pretrained(tmp_path / "sharded")
+    shards = sorted(path.name for path in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    wrap_to_project(capsys, tmp_path / "sharded", tmp_path)
+    held = {entry["path"] for entry in json.loads((tmp_path / "project" / "my_sentiment" / "nnwheel.json").read_text())["weights"]}
+    assert {f"model/{name}" for name in [*shards, "model.safetensors.index.json"]} <= held
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "sharded")
+    with torch.no_grad():
+        expected = model.eval()(**tok(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
+    with imported(tmp_path / "project" / "my_sentiment") as package:
+        np.testing.assert_allclose(package.predict(TEXTS)["scores"], expected.numpy(), atol=1e-6)
+
+
 def test_bad_text_inputs_raise_valueerror(classifier_dir, tmp_path, capsys):
     wrap_to_project(capsys, classifier_dir, tmp_path)
     with imported(tmp_path / "project" / "my_sentiment") as package:

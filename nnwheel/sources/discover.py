@@ -102,7 +102,8 @@ def _is_docstring(node: ast.stmt) -> bool:
 
 def _is_guard(node: ast.stmt) -> bool:
     """`if __name__ == "__main__":` (not run at import) or `if TYPE_CHECKING:` (imports only)."""
-    return isinstance(node, ast.If) and ("__name__" in ast.unparse(node.test) or "TYPE_CHECKING" in ast.unparse(node.test))
+    guards = ("__name__ == '__main__'", "TYPE_CHECKING", "typing.TYPE_CHECKING")
+    return isinstance(node, ast.If) and not node.orelse and ast.unparse(node.test) in guards
 
 
 def _module_classes(tree: ast.Module) -> list[str]:
