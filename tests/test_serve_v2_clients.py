@@ -175,10 +175,11 @@ def test_concurrent_binary_requests_are_batched_and_equal_to_predict(env, server
     assert_batched_and_equal_to_predict(env, tmp_path, samples, results, model_calls(server) - before)
 
 
-def binary_request(header: dict, *data: bytes, length: int | str | None = None) -> tuple[bytes, dict]:
+def binary_request(header: dict, *data: bytes, length: int | str | bytes | None = None) -> tuple[bytes, dict]:
     """A body of JSON followed by binary data, with the header that gives the JSON's length."""
     encoded = json.dumps(header).encode()
-    return encoded + b"".join(data), {"Inference-Header-Content-Length": str(len(encoded) if length is None else length)}
+    given = length if isinstance(length, bytes) else str(len(encoded) if length is None else length)
+    return encoded + b"".join(data), {"Inference-Header-Content-Length": given}
 
 
 def tensors(x_size=32 * 3, mask_size=8 * 3, **x_fields) -> dict:
@@ -194,6 +195,8 @@ BAD_BINARY_REQUESTS = [
      "or binary tensor data after the JSON with the Inference-Header-Content-Length header giving the JSON's length"),
     ("header not a number", binary_request(tensors(), X, MASK, length="12a"),
      "the Inference-Header-Content-Length header is '12a'; it is the length in bytes of the JSON"),
+    ("header a digit int() does not read", binary_request(tensors(), X, MASK, length="²".encode("latin-1")),
+     "the Inference-Header-Content-Length header is '²'"),
     ("header beyond the body", binary_request(tensors(), X, MASK, length=10**6),
      "the Inference-Header-Content-Length header is 1000000, but the body has only"),
     ("header inside the JSON", binary_request(tensors(), X, MASK, length=40), "not valid JSON"),

@@ -31,7 +31,7 @@ _EXAMPLE = (
 def header_length(headers: Headers) -> int | None:
     """The length of the JSON part of the body, when binary tensor data follows it."""
     value = headers.get(HEADER_LENGTH)
-    if value is not None and not value.isdigit():
+    if value is not None and not (value.isascii() and value.isdigit()):  # "²" is a digit to isdigit(), not to int()
         raise RequestFailed(400, f"the {HEADER_LENGTH} header is {value!r}; it is the length in bytes of the JSON that starts the body")
     return None if value is None else int(value)
 
