@@ -85,7 +85,10 @@ def model_card(manifest: Manifest, metadata: ProjectMetadata) -> str:
         schema_table=_schema_table(manifest),
         format=manifest.format,
         runtime=manifest.runtime,
-        weights_summary=", ".join(f"`{w.path}` ({_human_size(w.size)})" for w in manifest.weights),
+        weights_summary=", ".join(
+            [f"`{w.path}` ({human_size(w.size)})" for w in manifest.weights]
+            + [f"weights part `{p.distribution}=={p.version}` ({human_size(p.size)})" for p in manifest.parts]
+        ),
         source_name=manifest.source.name,
         source_sha256=manifest.source.sha256,
         nnwheel_version=manifest.nnwheel_version,
@@ -108,7 +111,7 @@ def _schema_table(manifest: Manifest) -> str:
     return "\n".join(rows) + f"\n\npredict() returns {structure[manifest.output_structure]}."
 
 
-def _human_size(size: float) -> str:
+def human_size(size: float) -> str:
     if size < 1000:
         return f"{size:.0f} B"
     for unit in ("KB", "MB", "GB"):

@@ -241,6 +241,7 @@ def _add_publish(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> None:
+    from ..package.render import human_size
     from . import publish
     from .index_files import default_dir
     from .model_wheel import read_model_wheel
@@ -260,7 +261,7 @@ def _run_publish(args: argparse.Namespace) -> None:
         publish.upload(target, wheel)
         print(f"{wheel.path.name}: published to {target.upload_url}")
         sent += wheel.size
-    print(f"sent {sent / 1e6:.1f} MB; {skipped / 1e6:.1f} MB the index had already")
+    print(f"sent {human_size(sent)}; {human_size(skipped)} the index had already")
     names = " ".join(sorted({wheel.project for wheel in wheels if not wheel.is_part}))
     cert = f" --cert {target.cert}" if target.cert else ""
     print(f"install with: pip install --index-url {target.simple_url}{cert} {names}")
