@@ -70,3 +70,13 @@ def test_the_stages_are_sub_packages():
     """A newcomer reading only the tree can say where a byte of weights goes."""
     packages = {path.parent.name for path in NNWHEEL.glob("*/__init__.py")}
     assert packages == {"sources", "package", "share", "serving"}
+
+
+@pytest.mark.parametrize(
+    ("stage", "later"),
+    [("sources", {"package", "share", "serving"}), ("package", {"share", "serving"})],
+)
+def test_a_stage_knows_nothing_of_the_later_ones(stage, later):
+    for path in sorted((NNWHEEL / stage).rglob("*.py")):
+        reached = {name.split(".")[1] for name in imports_of(path) if name.count(".") >= 1}
+        assert not reached & later, f"{path.relative_to(NNWHEEL)} imports {sorted(reached & later)}"
