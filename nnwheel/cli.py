@@ -17,8 +17,8 @@ from typing import NoReturn
 from . import __version__
 from .errors import NnwheelError
 from .package.parts import DEFAULT_MAX_FILE_SIZE
-from .serving.commands import add_commands as serving_commands
-from .share.commands import add_commands as share_commands
+from .serving.commands import add_deploy, add_serve
+from .share.commands import add_index, add_publish
 
 
 def parser() -> argparse.ArgumentParser:
@@ -238,4 +238,4 @@ def _run_verify(args: argparse.Namespace) -> None:
 
 
 # Each entry adds one sub-command to the parser; they appear in --help in this order.
-COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, share_commands, serving_commands]
+COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, add_index, add_publish, add_serve, add_deploy]

@@ -330,3 +330,11 @@ def copy_arch(spec, destination: Path) -> None:
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+
+
+def the_error(stderr: str) -> str:
+    """The one line of stderr, once it is checked to be an `error:` line without a traceback."""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]

@@ -13,20 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, ROOT, Venv, free_port, make_venv
+from conftest import EXAMPLE, ROOT, Venv, free_port, make_venv, the_error
 
 from nnwheel.cli import main
 
 ARCH = f"{EXAMPLE / 'model.py'}:DigitsMLP"
 REINSTALL = "pip install --force-reinstall digits-mlp"
-
-
-def the_error(stderr: str) -> str:
-    """The one line of stderr, once it is checked to be an `error:` line without a traceback."""
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 def wrap_fails(capsys: pytest.CaptureFixture, out: Path, *args: object) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLE
+from conftest import EXAMPLE, the_error
 
 from nnwheel.cli import main
 
@@ -21,14 +21,6 @@ def wrap(out: Path, *args: object, checkpoint: Path = EXAMPLE / "model.pth") -> 
                  *map(str, args)])  # fmt: skip
 
 
-def the_error(capsys: pytest.CaptureFixture) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "name",
     ["digits-mlp\n", "digits-mlp ", "\u017fcale", "digits-\u212a"],  # "ſ" and the Kelvin sign: IGNORECASE alone takes them
@@ -36,7 +28,7 @@ def the_error(capsys: pytest.CaptureFixture) -> str:
 )
 def test_name_is_refused_unless_it_is_exactly_ascii_letters_digits_and_separators(tmp_path, capsys, name):
     assert wrap(tmp_path / "dist", "--name", name) == 2
-    assert the_error(capsys) == (
+    assert the_error(capsys.readouterr().err) == (
         f"error: {name!r} is not a valid package name: use letters, digits, '-', '_' or '.', "
         "starting and ending with a letter or digit (e.g. mnist-mlp)"
     )
@@ -46,7 +38,7 @@ def test_name_is_refused_unless_it_is_exactly_ascii_letters_digits_and_separator
 @pytest.mark.parametrize("version", ["0.1.0\n", " 0.1.0", "0.1.0\t"], ids=["trailing-newline", "leading-space", "tab"])
 def test_version_with_spaces_or_newlines_is_refused(tmp_path, capsys, version):
     assert wrap(tmp_path / "dist", "--name", "digits-mlp", "--version", version) == 2
-    assert the_error(capsys) == (
+    assert the_error(capsys.readouterr().err) == (
         f"error: {version!r} is not a valid version (PEP 440, without spaces or newlines): "
         "use e.g. 0.1.0, 1.2.3rc1 or 2024.6.1"
     )
@@ -94,7 +86,7 @@ def test_other_content_under_the_same_name_and_version_is_refused(tmp_path, caps
     before, stat = (out / WHEEL).read_bytes(), (out / WHEEL).stat()
     capsys.readouterr()
     assert wrap(out, "--name", "digits-mlp", checkpoint=other_weights) == 1
-    assert the_error(capsys) == (
+    assert the_error(capsys.readouterr().err) == (
         f"error: {out / WHEEL} already exists with other content, and a wheel's file name promises its content "
         "(indexes and pip's cache keep the first file of a name): wrap a new --version, or pass --overwrite "
         "to replace it. Wrapping the same model again needs neither."
@@ -120,5 +112,5 @@ def test_a_refused_model_wheel_leaves_none_of_its_weight_parts(tmp_path, capsys,
     first = {name: (out / name).read_bytes() for name in entries(out)}
     assert len(first) > 2 and WHEEL in first
     assert wrap(out, "--name", "digits-mlp", "--max-file-size", "70KB", checkpoint=other_weights) == 1
-    assert "--overwrite" in the_error(capsys)
+    assert "--overwrite" in the_error(capsys.readouterr().err)
     assert {name: (out / name).read_bytes() for name in entries(out)} == first

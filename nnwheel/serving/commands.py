@@ -9,12 +9,7 @@ from pathlib import Path
 from ..urls import port
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    _add_serve(commands)
-    _add_deploy(commands)
-
-
-def _add_serve(commands: argparse._SubParsersAction) -> None:
+def add_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve an installed model over HTTP (needs nnwheel[serve])",
@@ -75,7 +70,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     )
 
 
-def _add_deploy(commands: argparse._SubParsersAction) -> None:
+def add_deploy(commands: argparse._SubParsersAction) -> None:
     deploy = commands.add_parser(
         "deploy",
         help="write a Dockerfile and Kubernetes manifests that serve a model from an index",

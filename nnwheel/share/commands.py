@@ -11,12 +11,7 @@ from ..errors import UsageError
 from ..urls import port
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    _add_index(commands)
-    _add_publish(commands)
-
-
-def _add_index(commands: argparse._SubParsersAction) -> None:
+def add_index(commands: argparse._SubParsersAction) -> None:
     index_parser = commands.add_parser(
         "index",
         help="run a private package index (devpi-server) on this machine",
@@ -217,7 +212,7 @@ def _run_index_stop(args: argparse.Namespace) -> None:
     print(f"stopped {stopped.config.url} (pid {stopped.pid})" if stopped else "not running")
 
 
-def _add_publish(commands: argparse._SubParsersAction) -> None:
+def add_publish(commands: argparse._SubParsersAction) -> None:
     publish = commands.add_parser(
         "publish",
         help="upload model wheels to a package index with twine",
