@@ -14,7 +14,7 @@ _NNWHEEL = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = next(p for p in (_NNWHEEL / "template", _NNWHEEL.parent / "template") if p.is_dir())
 
 # Files of template/package/ every model package gets, and the runtime module chosen by the manifest.
-_PACKAGE_FILES = ("__init__.py", "__main__.py", "_schema.py")
+_PACKAGE_FILES = ("__init__.py", "__main__.py", "_schema.py", "batch.py")
 
 
 @dataclass(frozen=True)
