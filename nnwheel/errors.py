@@ -98,6 +98,10 @@ class AlreadyReleasedError(NnwheelError):
     """The index already has this file name with different content; released files never change."""
 
 
+class MissingPartsError(NnwheelError):
+    """A model wheel's weight parts are neither in the batch nor on the index: pip could not install it."""
+
+
 class UploadRejectedError(NnwheelError):
     """The package index answered the upload with an error."""
 
@@ -124,3 +128,19 @@ class DeployError(NnwheelError):
 
 class ConversionError(NnwheelError):
     """wrap --to cannot convert the model, or the converted model does not give the same outputs."""
+
+
+class BatchInputError(NnwheelError):
+    """nnwheel batch cannot read its input, or the input's columns do not fit the model's inputs."""
+
+
+class OutputExistsError(OutputError):
+    """nnwheel batch's output path exists, and --overwrite was not given."""
+
+
+class EngineError(NnwheelError):
+    """Spark or Ray cannot be started, or the job failed on it."""
+
+
+class WorkerInstallError(EngineError):
+    """The workers' environment cannot be made: pip could not install the model from its index."""
