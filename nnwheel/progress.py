@@ -1,4 +1,4 @@
-"""A progress bar on stderr for long work (copying or uploading large weights).
+"""A progress bar on stderr for long work (copying or uploading large weights, scoring many rows).
 
 Drawn only when the stream is a terminal and the work is large enough to take a while;
 otherwise every call is a no-op, so logs and pipes stay clean.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TextIO
 
@@ -17,18 +18,30 @@ _REDRAW_EVERY_S = 0.1
 _BAR_WIDTH = 30
 
 
+@dataclass(frozen=True)
+class Unit:
+    name: str  # as shown: "MB"
+    scale: float  # how many of what advance() counts make one shown unit
+    show_above: int  # below this much work (in what advance() counts), no bar
+
+
+BYTES = Unit("MB", 1e6, SHOW_ABOVE_BYTES)
+ROWS = Unit("rows", 1, 100_000)
+
+
 class Progress:
-    """Counts bytes of one piece of work; draws `label [####----] 45% 450/1000 MB 310 MB/s`.
+    """Counts bytes (or another unit) of one piece of work; draws `label [####----] 45% 450/1000 MB 310 MB/s`.
 
     Use as a context manager and call advance(n) after each chunk.
     """
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, unit: Unit = BYTES) -> None:
         self.total = total
         self.label = label
         self.done = 0
+        self.unit = unit
         self._stream = sys.stderr if stream is None else stream
-        self._visible = total > SHOW_ABOVE_BYTES and self._stream.isatty()
+        self._visible = total > unit.show_above and self._stream.isatty()
         self._started = 0.0
         self._drawn_at = 0.0
 
@@ -64,12 +77,11 @@ class Progress:
         bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
         elapsed = max(now - self._started, 1e-9)
         rate = self.done / elapsed
-        self._stream.write(
-            f"\r{self.label} [{bar}] {fraction:4.0%} "
-            f"{_megabytes(self.done)}/{_megabytes(self.total)} MB {_megabytes(rate)} MB/s"
-        )
+        done, total, rate = (_shown(n / self.unit.scale) for n in (self.done, self.total, rate))
+        name = self.unit.name
+        self._stream.write(f"\r{self.label} [{bar}] {fraction:4.0%} {done}/{total} {name} {rate} {name}/s")
         self._stream.flush()
 
 
-def _megabytes(n: float) -> str:
-    return f"{n / 1e6:.0f}" if n >= 10e6 else f"{n / 1e6:.1f}"
+def _shown(n: float) -> str:
+    return f"{n:.0f}" if n >= 10 else f"{n:.1f}"
