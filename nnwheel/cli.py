@@ -182,7 +182,7 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from .models import describe
+    from .models import describe, part_state
 
     model = describe(args.model)
     if args.json:
@@ -201,6 +201,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
         print(f"  weights:      {weights.path} {weights.size:,} bytes sha256 {weights.sha256}")
     for part in manifest.parts:
         print(f"  weights part: {part.distribution}=={part.version} {part.size:,} bytes sha256 {part.sha256}")
+        print(f"                {part_state(part, model)}")
     print(f"  source:       {manifest.source.name} sha256 {manifest.source.sha256}")
     print(f"  requires:     {', '.join(model.requirements) or 'nothing'}")
     print(f"  import:       from {manifest.import_name} import predict")
@@ -221,7 +222,20 @@ def _run_list(args: argparse.Namespace) -> None:
         print("no model packages installed (pip install one, or nnwheel wrap a checkpoint)", file=sys.stderr)
     # The version of the distribution that declares the model: another package may declare one of another name.
     for entry in sorted(entries, key=lambda entry: entry.name):
-        print(f"{entry.name}  {entry.dist.version if entry.dist else '?'}  (import {entry.value})")
+        print(f"{entry.name}  {entry.dist.version if entry.dist else '?'}  (import {entry.value}{_parts_summary(entry.name)})")
+
+
+def _parts_summary(name: str) -> str:
+    """The weight parts' count and size, for a model whose weights are split; nothing for one that cannot be read."""
+    from .errors import NnwheelError
+    from .models import describe_installed
+    from .package.render import human_size
+
+    try:
+        parts = describe_installed(name).manifest.parts
+    except NnwheelError:  # a damaged install: `nnwheel inspect NAME` says what is wrong with it
+        return ""
+    return f", {len(parts)} weight parts, {human_size(sum(p.size for p in parts))}" if parts else ""
 
 
 def _add_verify(commands: argparse._SubParsersAction) -> None:

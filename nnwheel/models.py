@@ -11,7 +11,7 @@ from email.parser import HeaderParser
 from pathlib import Path
 
 from .errors import DamagedInstallError, DamagedWheelError, IntegrityError, ModelNotFoundError, first_line
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, Manifest, WeightsPart
 
 ENTRY_POINT_GROUP = "nnwheel.models"
 # What reading a manifest raises where its bytes are not UTF-8, not JSON, or not a manifest's fields.
@@ -114,23 +114,61 @@ def _normalize(name: str) -> str:
 
 
 def verify_installed(name: str) -> Manifest:
-    """Re-hash an installed model's weights against its manifest, as its own verify() does."""
+    """Re-hash an installed model's weights, and its weight parts', against its manifest, as its own verify() does."""
     directory = _package_directory(name)
     manifest = _installed_manifest(name, directory)
     for entry in manifest.weights:
-        digest = hashlib.sha256()
-        try:
-            with (directory / entry.path).open("rb") as file:
-                while chunk := file.read(1 << 20):
-                    digest.update(chunk)
-        except FileNotFoundError:
+        _check_hash(manifest, directory, entry.path, entry.sha256, f"pip install --force-reinstall {manifest.name}")
+    for part in manifest.parts:
+        reinstall = f"pip install --force-reinstall '{part.distribution}=={part.version}'"
+        installed = installed_version(part.distribution)
+        if installed != part.version:
+            state = "is not installed" if installed is None else f"is installed at version {installed}"
             raise IntegrityError(
-                f"{manifest.name}: {entry.path} is missing; "
-                f"reinstall with pip install --force-reinstall {manifest.name}"
-            ) from None
-        if digest.hexdigest() != entry.sha256:
-            raise IntegrityError(
-                f"{manifest.name}: {entry.path} does not match its manifest (sha256 {digest.hexdigest()}, "
-                f"expected {entry.sha256}); reinstall with pip install --force-reinstall {manifest.name}"
+                f"{manifest.name}: the weights part {part.distribution} {state}, but {manifest.name} "
+                f"needs version {part.version}; install it with {reinstall}"
             )
+        site = _part_site(manifest, part, reinstall)
+        _check_hash(manifest, site, f"{part.import_name}/{part.path}", part.sha256, reinstall)
     return manifest
+
+
+def part_state(part: WeightsPart, model: ModelInfo) -> str:
+    """Whether this environment has the weights part already, and so whether installing `model` downloads it."""
+    installed = installed_version(part.distribution)
+    if installed != part.version:
+        return "not installed here" if installed is None else f"not installed here (version {installed} is)"
+    owner = installed_version(model.manifest.name)
+    if owner is None or owner == model.manifest.version:
+        return "installed"
+    return f"installed, shared with {model.manifest.name} {owner}: an install of this version keeps it"
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _part_site(manifest: Manifest, part: WeightsPart, reinstall: str) -> Path:
+    """The directory that holds the part's package (site-packages, as a rule)."""
+    spec = importlib.util.find_spec(part.import_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise IntegrityError(f"{manifest.name}: the package {part.import_name} is missing; reinstall with {reinstall}")
+    return Path(spec.submodule_search_locations[0]).parent
+
+
+def _check_hash(manifest: Manifest, directory: Path, path: str, expected: str, reinstall: str) -> None:
+    digest = hashlib.sha256()
+    try:
+        with (directory / path).open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise IntegrityError(f"{manifest.name}: {path} is missing; reinstall with {reinstall}") from None
+    if digest.hexdigest() != expected:
+        raise IntegrityError(
+            f"{manifest.name}: {path} does not match its manifest (sha256 {digest.hexdigest()}, "
+            f"expected {expected}); reinstall with {reinstall}"
+        )

@@ -8,15 +8,18 @@ and read from pip's own report that only the changed part and the model's wheel 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_resolving_venv, nnwheel
+from conftest import make_resolving_venv, nnwheel, the_error
 
 MODEL_PY = """\
 import torch
@@ -62,6 +65,11 @@ def versions(tmp_path_factory):
         wheels[version] = [Path(line) for line in result.stdout.split()]
         models[version] = {k: v.clone() for k, v in model.state_dict().items()}
     return work, wheels, models, wide
+
+
+def _nnwheel_in(env, *args: str) -> subprocess.CompletedProcess:
+    """nnwheel run by the venv's Python: it sees what is installed there (and nnwheel, from the test environment)."""
+    return subprocess.run([str(env.python), "-m", "nnwheel", *args], capture_output=True, text=True)
 
 
 def _reference(wide, state: dict, x: np.ndarray) -> np.ndarray:
@@ -145,6 +153,12 @@ def test_publish_install_upgrade_downloads_only_what_changed(devpi, versions, tm
     assert installed.returncode == 0, installed.stdout + installed.stderr
     got = np.array(json.loads(env.run(predict).stdout), dtype=np.float32)
     assert np.allclose(got, _reference(wide, models["0.1.0"], x), atol=1e-6)
+    listed = _nnwheel_in(env, "list").stdout
+    assert f"wide-model  0.1.0  (import wide_model, {len(wheels['0.1.0']) - 1} weight parts, " in listed
+    # What an upgrade to 0.2.0 would download, as inspect tells it before: the parts 0.1.0 does not share.
+    shown = _nnwheel_in(env, "inspect", str(wheels["0.2.0"][-1])).stdout
+    assert shown.count("installed, shared with wide-model 0.1.0") == len(wheels["0.2.0"]) - 2
+    assert shown.count("not installed here (version ") == 1
 
     env.pip("install", "--upgrade", "--index-url", index.simple_url, "--report", str(tmp_path / "report.json"), "wide-model")
     report = json.loads((tmp_path / "report.json").read_text())
@@ -153,6 +167,18 @@ def test_publish_install_upgrade_downloads_only_what_changed(devpi, versions, tm
     assert downloaded == sorted(changed) and len(changed) == 2, downloaded
     got = np.array(json.loads(env.run(predict).stdout), dtype=np.float32)
     assert np.allclose(got, _reference(wide, models["0.2.0"], x), atol=1e-6)
+    env.run("import wide_model; wide_model.verify()")
+    assert "match the manifest" in _nnwheel_in(env, "verify", "wide-model").stdout
+
+    # The changed part of 0.1.0 installed in place of 0.2.0's: its version tells them apart.
+    changed_part = next(w for w in wheels["0.1.0"][:-1] if w.name not in {v.name for v in wheels["0.2.0"]})
+    part_name = changed_part.name.split("-")[0].replace("_", "-")
+    env.pip("install", "--no-deps", "--force-reinstall", str(changed_part))
+    for failed in (env.run("import wide_model; wide_model.load()", check=False), _nnwheel_in(env, "verify", "wide-model")):
+        assert failed.returncode != 0
+        assert f"the weights part {part_name} is installed at version {changed_part.name.split('-')[1]}" in failed.stderr
+        assert f"pip install --force-reinstall '{part_name}==" in failed.stderr
+    env.pip("install", "--upgrade", "--index-url", index.simple_url, "wide-model")
     env.run("import wide_model; wide_model.verify()")
 
     env.pip("uninstall", "-y", "wide-model-weights-0")
@@ -200,6 +226,58 @@ def test_uv_installs_the_parts_and_the_model(versions, tmp_path):
     uv = Path(sys.executable).parent / "uv"
     subprocess.run([str(uv), "pip", "install", "--python", str(env.python), "--no-deps", *map(str, wheels["0.1.0"])],
                    check=True, capture_output=True)
+    x = np.ones((2, 64), dtype=np.float32)
+    code = "import numpy as np, wide_model; print(wide_model.predict(np.ones((2, 64), np.float32)).tolist())"
+    got = np.array(json.loads(env.run(code).stdout), dtype=np.float32)
+    assert np.allclose(got, _reference(wide, models["0.1.0"], x), atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_publish_refuses_a_model_wheel_without_its_parts(devpi, versions):
+    _, wheels, _, _ = versions
+    index = devpi.create_index()
+    credentials = ["--index", index.url, "--user", index.user, "--password", index.password]
+    refused = nnwheel("publish", str(wheels["0.1.0"][-1]), *credentials, check=False)
+    assert refused.returncode == 1
+    assert "requires weight parts that are neither given nor on" in the_error(refused.stderr)
+    assert "nnwheel publish" in refused.stderr and "Nothing was uploaded" in refused.stderr
+    with pytest.raises(urllib.error.HTTPError) as nothing:  # devpi: 404 for a project it has no file of
+        urllib.request.urlopen(f"{index.simple_url}wide-model/")
+    assert nothing.value.code == 404
+
+
+@pytest.mark.e2e
+def test_a_part_missing_on_the_index_is_named_by_pip(devpi, versions, tmp_path):
+    """An index that holds the model's wheel without a part (uploaded by hand with twine, not by nnwheel)."""
+    _, wheels, _, _ = versions
+    index = devpi.create_index()
+    bindir = Path(sys.executable).parent
+    subprocess.run([bindir / "twine", "upload", "--repository-url", index.url, "-u", index.user, "-p", index.password,
+                    str(wheels["0.1.0"][-1]), *map(str, wheels["0.1.0"][1:-1])], check=True, capture_output=True)
+    env = make_resolving_venv(tmp_path / "venv")
+    failed = env.pip("install", "--index-url", index.simple_url, "wide-model==0.1.0", check=False)
+    assert failed.returncode != 0
+    first = wheels["0.1.0"][0].name.split("-")
+    assert f"No matching distribution found for {first[0].replace('_', '-')}=={first[1]}" in failed.stderr
+
+
+@pytest.mark.e2e
+def test_an_offline_install_from_pip_download_gets_every_part(devpi, versions, tmp_path):
+    """pip download on a connected machine, then pip install --no-index --find-links where there is no index.
+
+    pip download fetches the requirements too: torch from this machine's wheel folder (PIP_FIND_LINKS), the
+    small ones (numpy, safetensors, ...) from PyPI, which CI reaches; the model and its parts from devpi."""
+    _, wheels, models, wide = versions
+    index = devpi.create_index()
+    nnwheel("publish", *map(str, wheels["0.1.0"]), "--index", index.url, "--user", index.user, "--password", index.password)
+    env = make_resolving_venv(tmp_path / "venv")
+    wheelhouse = tmp_path / "wheelhouse"
+    downloaded = env.pip("download", "--index-url", index.simple_url, "--extra-index-url", "https://pypi.org/simple",
+                         "--find-links", os.environ.get("PIP_FIND_LINKS", "/opt/wheels"), "--only-binary", ":all:",
+                         "--dest", str(wheelhouse), "wide-model==0.1.0", "torch==2.13.0", check=False)
+    assert downloaded.returncode == 0, downloaded.stdout + downloaded.stderr
+    assert {w.name for w in wheels["0.1.0"]} <= {p.name for p in wheelhouse.iterdir()}
+    env.pip("install", "--no-index", "--find-links", str(wheelhouse), "wide-model==0.1.0")
     x = np.ones((2, 64), dtype=np.float32)
     code = "import numpy as np, wide_model; print(wide_model.predict(np.ones((2, 64), np.float32)).tolist())"
     got = np.array(json.loads(env.run(code).stdout), dtype=np.float32)

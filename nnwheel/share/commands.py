@@ -240,6 +240,7 @@ def _run_publish(args: argparse.Namespace) -> None:
     from . import publish
     from .index_files import default_dir
     from .model_wheel import read_model_wheel
+    from .upload import upload
 
     # Weight parts first: no index serves a model's wheel before the parts it requires.
     wheels = sorted((read_model_wheel(path) for path in args.wheels), key=lambda wheel: not wheel.is_part)
@@ -253,7 +254,7 @@ def _run_publish(args: argparse.Namespace) -> None:
         warning = publish.oversize_warning(target, wheel)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-        publish.upload(target, wheel)
+        upload(target, wheel)
         print(f"{wheel.path.name}: published to {target.upload_url}")
         sent += wheel.size
     print(f"sent {human_size(sent)}; {human_size(skipped)} the index had already")

@@ -57,6 +57,7 @@ class ModelWheel:
     version: str
     size: int
     is_part: bool = False  # a weights part of a model (see package/parts.py), which publish sends first
+    parts: tuple[tuple[str, str], ...] = ()  # the weight parts a model wheel requires: (distribution, version)
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -79,6 +80,7 @@ def read_model_wheel(path: Path) -> ModelWheel:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             entry_points = _entry_points(archive, names)
+            parts = _required_parts(archive, _manifests(names))
     except (*_UNREADABLE, UnicodeDecodeError, configparser.Error) as error:
         raise NotAModelWheelError(
             f"{path} cannot be read as a wheel ({first_line(error)}); rebuild it with `nnwheel wrap`"
@@ -90,7 +92,18 @@ def read_model_wheel(path: Path) -> ModelWheel:
             f"{path} is not a wheel made by nnwheel (it needs one PACKAGE/nnwheel.json and an "
             "entry point in nnwheel.models): build it with `nnwheel wrap`, or upload it with twine"
         )
-    return ModelWheel(path, str(project), str(version), path.stat().st_size)
+    return ModelWheel(path, str(project), str(version), path.stat().st_size, parts=parts)
+
+
+def _required_parts(archive: zipfile.ZipFile, manifests: list[str]) -> tuple[tuple[str, str], ...]:
+    """The weight parts the manifest names; verify() checks later that the manifest is the one RECORD lists."""
+    if len(manifests) != 1:
+        return ()
+    try:
+        listed = json.loads(archive.read(manifests[0])).get("parts", [])
+        return tuple((str(part["distribution"]), str(part["version"])) for part in listed)
+    except (ValueError, AttributeError, TypeError, KeyError):  # not a manifest: verify() says so in full
+        return ()
 
 
 def _part_files(names: list[str]) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import configparser
-import contextlib
 import hashlib
 import html.parser
 import http.client
@@ -18,31 +17,28 @@ import os
 import re
 import socket
 import ssl
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from packaging.utils import canonicalize_name
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 from ..errors import (
     AlreadyReleasedError,
-    AuthenticationError,
     IndexNotRunningError,
     IndexUnreachableError,
+    MissingPartsError,
     UnknownRepositoryError,
-    UploadPermissionError,
-    UploadRejectedError,
-    UploadTooLargeError,
 )
 from ..urls import parse_url
 from .index import find_running
 from .index_files import read_credentials
 from .model_wheel import ModelWheel, verify
 from .tls import generated_cert, trusting
+from .upload import raise_for_status
 
 # PyPI's default per-file limit; projects can ask for more.
 PYPI_FILE_LIMIT = 100 * 1000 * 1000
@@ -159,9 +155,45 @@ def check_before_upload(target: Target, wheels: list[ModelWheel]) -> list[tuple[
     A name the index has with other bytes is refused: a released file never changes.
     """
     released = [_published_sha256(target, wheel) for wheel in wheels]
+    _check_parts_are_there(target, wheels)
     for wheel in wheels:
         verify(wheel)
     return [(wheel, _is_the_released_file(target, wheel, sha256)) for wheel, sha256 in zip(wheels, released)]
+
+
+def _check_parts_are_there(target: Target, wheels: list[ModelWheel]) -> None:
+    """Refuse a model wheel whose weight parts are neither in this batch nor on the index: the index would
+    serve a release that pip cannot install."""
+    given = {(wheel.project, Version(wheel.version)) for wheel in wheels if wheel.is_part}
+    for wheel in wheels:
+        missing = [
+            f"{name}=={version}" for name, version in wheel.parts
+            if (canonicalize_name(name), Version(version)) not in given and not _has_release(target, name, version)
+        ]  # fmt: skip
+        if missing:
+            raise MissingPartsError(
+                f"{wheel.path.name} requires weight parts that are neither given nor on {target.upload_url}: "
+                f"{', '.join(missing)}; publish the model with all its wheels, e.g. nnwheel publish "
+                f"{wheel.path.parent}/*.whl (parts the index has already are skipped). Nothing was uploaded"
+            )
+
+
+def _has_release(target: Target, name: str, version: str) -> bool:
+    """Whether the index serves a wheel of `name` at `version`."""
+    url = f"{target.simple_url}{canonicalize_name(name)}/"
+    try:
+        page = _fetch(target, url).decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return False
+        raise_for_status(target, error.code, error.reason)
+    for _, text in _links(page):
+        try:
+            if parse_wheel_filename(text.strip())[1] == Version(version):
+                return True
+        except InvalidWheelFilename:
+            continue
+    return False
 
 
 def _is_the_released_file(target: Target, wheel: ModelWheel, released: str | None) -> bool:
@@ -183,7 +215,7 @@ def _published_sha256(target: Target, wheel: ModelWheel) -> str | None:
     except urllib.error.HTTPError as error:
         if error.code == 404:
             return None
-        _raise_for_status(target, error.code, error.reason)
+        raise_for_status(target, error.code, error.reason)
     for href, text in _links(page):
         if text.strip() == wheel.path.name:
             fragment = urllib.parse.urlsplit(href).fragment
@@ -279,69 +311,3 @@ def _links(page: str) -> list[tuple[str, str]]:
     parser = _LinkParser()
     parser.feed(page)
     return parser.links
-
-
-def upload(target: Target, wheel: ModelWheel) -> None:
-    """Send one wheel with twine; its progress bar (on a terminal) and messages go to stderr."""
-    import requests
-    from twine.package import PackageFile
-    from twine.repository import Repository
-
-    package = PackageFile.from_filename(str(wheel.path), comment=None)
-    repository = Repository(
-        target.upload_url, target.username, target.password, disable_progress_bar=not sys.stderr.isatty()
-    )
-    repository.set_certificate_authority(target.cert)
-    try:
-        with contextlib.redirect_stdout(sys.stderr), _cert_over_environment(target):
-            response = repository.upload(package)
-    except requests.ConnectionError as error:
-        raise IndexUnreachableError(
-            f"the connection to {target.upload_url} broke during the upload ({error.__class__.__name__}); "
-            "publish again: the check before uploading makes that safe"
-        ) from None
-    finally:
-        repository.close()
-    if response.status_code != 200:
-        _raise_for_status(target, response.status_code, response.reason)
-
-
-@contextlib.contextmanager
-def _cert_over_environment(target: Target) -> Iterator[None]:
-    """requests lets REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE win over a session's CA file; --cert must win."""
-    hidden = {name: os.environ.pop(name) for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if target.cert and name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(hidden)
-
-
-def _raise_for_status(target: Target, status: int, reason: str) -> None:
-    url = target.upload_url
-    if status == 401:
-        who = f"user {target.username!r}" if target.username else "no user name"
-        raise AuthenticationError(
-            f"{url} did not accept the password for {who} (401): pass --user and set "
-            "NNWHEEL_INDEX_PASSWORD (or use `nnwheel index start`'s stored credentials)"
-        )
-    if status == 403:
-        raise UploadPermissionError(
-            f"user {target.username!r} may not upload to {url} (403): ask the index owner for upload "
-            "permission, or publish to an index of your own"
-        )
-    if status == 413:
-        raise UploadTooLargeError(
-            f"{url} refuses files this large (413): raise the server's limit (devpi-server "
-            "--max-request-body-size, or the proxy's body size limit) or publish to another index"
-        )
-    if status == 404:
-        raise UploadRejectedError(
-            f"{url} is not an upload URL (404): for devpi use http://HOST:PORT/USER/INDEX/, "
-            "for PyPI --index pypi"
-        )
-    # devpi answers 409 Conflict, PyPI 400 "File already exists".
-    if status == 409 or (status == 400 and "exist" in reason.lower()):
-        raise AlreadyReleasedError(
-            f"{url} already has this file ({status} {reason}); wrap again with a new --version"
-        )
-    raise UploadRejectedError(f"{url} refused the upload: {status} {reason}")
