@@ -282,3 +282,43 @@ def test_an_offline_install_from_pip_download_gets_every_part(devpi, versions, t
     code = "import numpy as np, wide_model; print(wide_model.predict(np.ones((2, 64), np.float32)).tolist())"
     got = np.array(json.loads(env.run(code).stdout), dtype=np.float32)
     assert np.allclose(got, _reference(wide, models["0.1.0"], x), atol=1e-6)
+
+
+MAPPED_OR_READ = """
+import importlib
+import json
+from importlib.resources import files
+
+import torch
+from safetensors import safe_open
+
+import wide_model
+
+model = wide_model.load()
+_runtime = importlib.import_module("wide_model._runtime")  # the package's attribute _runtime is None until load()
+address = model.middle.weight.data_ptr()
+for line in open("/proc/self/maps"):
+    low, high = (int(bound, 16) for bound in line.split()[0].split("-"))
+    if low <= address < high:
+        mapping = line.split()[-1]
+places = []
+for part in wide_model.info()["parts"]:
+    path = files(part["import_name"]).joinpath(part["path"])
+    with safe_open(path, framework="pt") as file:
+        places += [_runtime._place(path, name) for name in file.keys() if name.startswith("middle.weight#")]
+places.sort(key=lambda place: int(place[0].split("_weights_")[1].split("/")[0]))
+mapped = torch.frombuffer(_runtime._mapped(places), dtype=torch.uint8)
+read = torch.frombuffer(_runtime._read(places), dtype=torch.uint8)
+print(json.dumps([mapping, len(places), torch.equal(mapped, read),
+                  torch.equal(read.view(torch.float32).reshape(600, 600), model.middle.weight)]))
+"""
+
+
+def test_a_tensor_in_pieces_is_mapped_from_the_parts_not_copied(versions, tmp_path):
+    """The fast path (the pieces mapped side by side) against the plain one (read into memory): same bytes."""
+    _, wheels, _, _ = versions
+    env = make_resolving_venv(tmp_path / "venv")
+    env.pip("install", "--no-deps", *map(str, wheels["0.1.0"]))
+    mapping, pieces, same, loaded = json.loads(env.run(MAPPED_OR_READ).stdout)
+    assert mapping.endswith("/part.safetensors") and "wide_model_weights_" in mapping
+    assert pieces == 2 and same and loaded

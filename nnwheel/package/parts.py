@@ -1,8 +1,8 @@
 """Weights split into wheels of their own, each within an index's file-size limit (PyPI's: 100 MB).
 
 A state_dict's tensors are cut, in the safetensors file's order (by name), into parts: whole tensors while
-they fit, and a tensor larger than a part in pieces of its bytes (NAME#0, NAME#1, ...), which the loader
-joins. The cut depends only on the tensors' names and sizes, so a version of the model that changes some
+they fit, and a tensor larger than a part in pieces of its bytes (NAME#0, NAME#1, ...), each at the start
+of a part, which the loader maps side by side. The cut depends only on the tensors' names and sizes, so a version of the model that changes some
 tensors' values keeps every other part byte for byte: its wheel is then the same name, version and file,
 which pip neither downloads nor installs again (a part's version is its content's, see WeightsPart).
 """
@@ -17,8 +17,12 @@ from ..errors import UsageError
 from ..names import PackageName
 from ..sources.tensors import MemoryTensor, StoredTensor, Tensor
 
-# What a part's wheel holds beside its tensors' bytes: zip headers, dist-info, the safetensors header.
-_WHEEL_OVERHEAD_BYTES = 64 << 10
+# Where a part's data begins in its file, and the unit of a piece's length: the largest page size of the
+# machines torch runs on (arm64 kernels with 64 KiB pages), so that pieces can be memory-mapped side by side.
+PIECE_ALIGN = 64 << 10
+# What a part's wheel holds beside its tensors' bytes: zip headers, dist-info, the safetensors header
+# (padded to PIECE_ALIGN).
+_WHEEL_OVERHEAD_BYTES = (64 << 10) + PIECE_ALIGN
 _ENTRY_BYTES = 256  # per tensor: its safetensors header entry and a little slack
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -67,9 +71,15 @@ def part_names(names: PackageName, index: int) -> PackageName:
 
 
 def cut(tensors: Mapping[str, Tensor], max_file_size: int) -> list[list[Piece]]:
-    """The tensors cut into parts of at most max_file_size bytes each, wheel included; one part where they fit."""
+    """The tensors cut into parts of at most max_file_size bytes each, wheel included; one part where they fit.
+
+    A tensor larger than a part is cut into pieces that each begin a part of their own, all but the last a
+    whole number of PIECE_ALIGN bytes long: the part's file puts its data at a PIECE_ALIGN boundary, so the
+    loader can map the pieces side by side into one tensor rather than copy them.
+    """
     budget = max_file_size - _WHEEL_OVERHEAD_BYTES
-    if budget < 4 * _ENTRY_BYTES:
+    step = (budget - _ENTRY_BYTES) // PIECE_ALIGN * PIECE_ALIGN
+    if budget < 4 * _ENTRY_BYTES or step <= 0:
         raise UsageError(
             f"--max-file-size {max_file_size} bytes leaves no room for weights beside a wheel's own files "
             f"({_WHEEL_OVERHEAD_BYTES} bytes); give at least 1MB"
@@ -78,24 +88,20 @@ def cut(tensors: Mapping[str, Tensor], max_file_size: int) -> list[list[Piece]]:
     current: list[Piece] = []
     used = 0
     for name, tensor in sorted(tensors.items()):
-        if used + _ENTRY_BYTES + tensor.size > budget and current and _ENTRY_BYTES + tensor.size <= budget:
-            parts.append(current)  # whole in the next part rather than cut
-            current, used = [], 0
-        if used + _ENTRY_BYTES + tensor.size <= budget:
-            current.append(Piece(name))
-            used += _ENTRY_BYTES + tensor.size
-            continue
-        start, index = 0, 0
-        while start < tensor.size:  # larger than a part: in pieces, the first filling this part's room
-            room = budget - used - _ENTRY_BYTES
-            if room <= 0:
+        whole = _ENTRY_BYTES + tensor.size
+        if whole > budget or used + whole > budget:
+            if current:
                 parts.append(current)
-                current, used = [], 0
-                continue
-            end = min(tensor.size, start + room)
-            current.append(Piece(name, start, end, index))
-            used += _ENTRY_BYTES + end - start
-            start, index = end, index + 1
+            current, used = [], 0
+        if whole <= budget:
+            current.append(Piece(name))
+            used += whole
+            continue
+        for index, start in enumerate(range(0, tensor.size, step)):
+            if current:
+                parts.append(current)
+            end = min(tensor.size, start + step)
+            current, used = [Piece(name, start, end, index)], _ENTRY_BYTES + end - start
     if current:
         parts.append(current)
     return parts

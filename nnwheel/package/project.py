@@ -16,7 +16,7 @@ from pathlib import Path
 from ..manifest import WeightsFile
 from ..sources.source import ProgramFile
 from .fit import Fit
-from .parts import content_version
+from .parts import PIECE_ALIGN, content_version
 from .plan import TensorFile, WheelPlan
 from .render import part_pyproject_text
 from .weights import DeferredWeights, SafetensorsLayout, StreamedFile, link_weights
@@ -40,7 +40,8 @@ class Project:
         assert self.tensors is not None and self.tensors_path is not None
         path = self.tensors_path
         path.unlink(missing_ok=True)
-        layout = SafetensorsLayout(self.tensors.file_tensors(fit), self.tensors.checkpoint)
+        align = PIECE_ALIGN if self.tensors.pieces is not None else 8  # a part's pieces can be mapped
+        layout = SafetensorsLayout(self.tensors.file_tensors(fit), self.tensors.checkpoint, align)
         self.fit, self.deferred, self._tensors_written = fit, None, None
         if deferred:  # the run without weights reads none of them: they can wait for the wheel
             self.deferred = DeferredWeights.reserve(layout, path)

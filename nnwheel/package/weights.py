@@ -33,10 +33,10 @@ class SafetensorsLayout:
     their own (filemap), so that no more than a window of the checkpoint counts in resident memory at once.
     """
 
-    def __init__(self, tensors: Mapping[str, Tensor], source: Path) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor], source: Path, align: int = 8) -> None:
         self._ordered = sorted(tensors.items())
         self._source = source
-        self._head = _safetensors_head((name, t.dtype, t.shape, t.size) for name, t in self._ordered)
+        self._head = _safetensors_head(((name, t.dtype, t.shape, t.size) for name, t in self._ordered), align)
         self.size = len(self._head) + sum(tensor.size for _, tensor in self._ordered)
 
     def chunks(self) -> Iterator[memoryview]:
@@ -53,14 +53,15 @@ class SafetensorsLayout:
         return _write_hashed(self.chunks(), path, f"writing {path.name}", self.size)
 
 
-def _safetensors_head(tensors: Iterable[tuple[str, str, tuple[int, ...], int]]) -> bytes:
-    """The length and JSON header of a safetensors file of (name, dtype, shape, bytes), in that order."""
+def _safetensors_head(tensors: Iterable[tuple[str, str, tuple[int, ...], int]], align: int) -> bytes:
+    """The length and JSON header of a safetensors file of (name, dtype, shape, bytes), in that order, padded
+    with spaces (as the format allows) so that the data begins at a multiple of `align` bytes (8 or more)."""
     layout, offset = {}, 0
     for name, dtype, shape, size in tensors:
         layout[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header = json.dumps(layout, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    header += b" " * (-(8 + len(header)) % align)
     return struct.pack("<Q", len(header)) + header
 
 

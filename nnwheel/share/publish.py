@@ -20,7 +20,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
@@ -38,30 +38,14 @@ from .index import find_running
 from .index_files import read_credentials
 from .model_wheel import ModelWheel, verify
 from .tls import generated_cert, trusting
-from .upload import raise_for_status
+from .upload import PYPI_UPLOADS, Target, raise_for_status
 
 # PyPI's default per-file limit; projects can ask for more.
 PYPI_FILE_LIMIT = 100 * 1000 * 1000
 # How long the index may take to answer the pre-upload question before we call it unreachable.
 CHECK_TIMEOUT_S = 5.0
-_PYPI_UPLOADS = {"upload.pypi.org": "https://pypi.org/simple/", "test.pypi.org": "https://test.pypi.org/simple/"}
 # What --index takes for a ~/.pypirc section rather than a URL: no "/" or ":" (http://..., host:port).
 _REPOSITORY_NAME = re.compile(r"[^/:]+")
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where wheels go, and as whom."""
-
-    upload_url: str
-    simple_url: str  # the index's simple API root, as pip's --index-url takes it
-    username: str | None
-    password: str | None
-    cert: str | None = None  # the CA file to trust the index's certificate with (pip's and twine's --cert)
-
-    @property
-    def is_pypi(self) -> bool:
-        return urllib.parse.urlsplit(self.upload_url).hostname in _PYPI_UPLOADS
 
 
 def resolve_target(
@@ -133,7 +117,7 @@ def _upload_url(url: str) -> str:
 def _simple_url(upload_url: str) -> str:
     host = urllib.parse.urlsplit(upload_url).hostname
     # PyPI takes uploads on one host and serves on another; devpi serves an index's simple API under it.
-    return _PYPI_UPLOADS.get(host or "", f"{upload_url}+simple/")
+    return PYPI_UPLOADS.get(host or "", f"{upload_url}+simple/")
 
 
 def oversize_warning(target: Target, wheel: ModelWheel) -> str | None:

@@ -1,12 +1,13 @@
-"""Sending one wheel to an index with twine, and what the index's HTTP errors mean for a human."""
+"""Sending one wheel to an index (a Target) with twine, and what the index's HTTP errors mean for a human."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import urllib.parse
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from ..errors import (
     AlreadyReleasedError,
@@ -18,8 +19,23 @@ from ..errors import (
 )
 from .model_wheel import ModelWheel
 
-if TYPE_CHECKING:
-    from .publish import Target
+# PyPI's and TestPyPI's upload hosts, and the simple API each serves its files from.
+PYPI_UPLOADS = {"upload.pypi.org": "https://pypi.org/simple/", "test.pypi.org": "https://test.pypi.org/simple/"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where wheels go, and as whom."""
+
+    upload_url: str
+    simple_url: str  # the index's simple API root, as pip's --index-url takes it
+    username: str | None
+    password: str | None
+    cert: str | None = None  # the CA file to trust the index's certificate with (pip's and twine's --cert)
+
+    @property
+    def is_pypi(self) -> bool:
+        return urllib.parse.urlsplit(self.upload_url).hostname in PYPI_UPLOADS
 
 
 def upload(target: Target, wheel: ModelWheel) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import mmap
+import os
 import sys
 from importlib.resources import as_file, files
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ _CPU = torch.device("cpu")
 # torch.inference_mode() spends about 2 us of Python on each use around this C++ guard, which is all it
 # enters; take the guard itself where this torch has it, as a small model's forward pass is only ~40 us.
 _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
+_MAP_FIXED = 0x10  # the same on Linux and macOS; Python's mmap module does not name it
 
 
 def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
@@ -74,8 +77,7 @@ def _build_from_state_dict(manifest: dict[str, Any], package_files: Traversable,
 
 def _tensors(manifest: dict[str, Any], package_files: Traversable, device: str) -> dict[str, torch.Tensor]:
     """The state_dict's tensors, memory-mapped, from the package's safetensors file or from its weight parts'
-    (packages of their own, found through importlib). A tensor larger than a part is read from its pieces
-    into memory of its own, once: mapping the pieces and joining them would hold it twice."""
+    (packages of their own, found through importlib); a tensor larger than a part joined from its pieces."""
     from safetensors import safe_open
 
     sources = [package_files.joinpath(entry["path"]) for entry in manifest["weights"]]
@@ -87,26 +89,65 @@ def _tensors(manifest: dict[str, Any], package_files: Traversable, device: str) 
         with as_file(source) as path, safe_open(path, framework="pt", device=device) as file:
             for name in file.keys():
                 if name in pieces:
-                    found[name] = path
+                    found[name] = _place(path, name)
                 else:
                     tensors[name] = file.get_tensor(name)
     for name, tensor in split.items():
-        joined = torch.empty(tensor["shape"], dtype=getattr(torch, tensor["dtype"]))
-        memory = memoryview(joined.reshape(-1).view(torch.uint8).numpy())
-        start = 0
-        for index in range(tensor["pieces"]):
-            start += _read_into(found[f"{name}#{index}"], f"{name}#{index}", memory[start:])
-        tensors[name] = joined.to(device)
+        places = [found[f"{name}#{index}"] for index in range(tensor["pieces"])]
+        memory = _mapped(places)
+        if memory is None:
+            memory = _read(places)
+        dtype = getattr(torch, tensor["dtype"])
+        tensors[name] = torch.frombuffer(memory, dtype=torch.uint8).view(dtype).reshape(tensor["shape"]).to(device)
     return tensors
 
 
-def _read_into(path: Any, name: str, memory: memoryview) -> int:
-    """Read the tensor `name` of a safetensors file into the start of `memory`; return its size."""
+def _place(path: Any, name: str) -> tuple[str, int, int]:
+    """Where the tensor `name` is in a safetensors file: (path, offset, size)."""
     with open(path, "rb") as file:
         header_size = int.from_bytes(file.read(8), "little")
         begin, end = json.loads(file.read(header_size))[name]["data_offsets"]
-        file.seek(8 + header_size + begin)
-        return file.readinto(memory[: end - begin])
+    return str(path), 8 + header_size + begin, end - begin
+
+
+def _mapped(places: list[tuple[str, int, int]]) -> Any:
+    """The pieces mapped side by side into one range of memory, copy-on-write as safetensors maps a file: no
+    copy, no more memory than one file's tensors. None where this system or the pieces' alignment (nnwheel
+    writes them page-aligned) does not allow it."""
+    if os.name != "posix" or not all(offset % mmap.PAGESIZE == 0 for _, offset, _ in places) or any(
+        size % mmap.PAGESIZE for _, _, size in places[:-1]
+    ):
+        return None
+    import ctypes  # here: only a model with tensors larger than a part needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    total = sum(size for _, _, size in places)
+    access = mmap.PROT_READ | mmap.PROT_WRITE
+    base = libc.mmap(None, total, access, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserves the range
+    if base is None or base == ctypes.c_void_p(-1).value:
+        return None
+    start = base
+    for path, offset, size in places:
+        with open(path, "rb") as file:  # the mapping outlives the file's descriptor
+            if libc.mmap(start, size, access, mmap.MAP_PRIVATE | _MAP_FIXED, file.fileno(), offset) != start:
+                libc.munmap(base, total)
+                return None
+        start += size
+    return (ctypes.c_uint8 * total).from_address(base)  # never unmapped: the weights live as long as the model
+
+
+def _read(places: list[tuple[str, int, int]]) -> bytearray:
+    """The pieces read, in order, into memory of their own."""
+    memory = bytearray(sum(size for _, _, size in places))
+    view, start = memoryview(memory), 0
+    for path, offset, size in places:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            start += file.readinto(view[start : start + size])
+    return memory
 
 
 def _import_class(package_files: Traversable, arch: dict[str, Any]) -> type:
