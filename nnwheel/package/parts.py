@@ -1,8 +1,8 @@
 """Weights split into wheels of their own, each within an index's file-size limit (PyPI's: 100 MB).
 
-A state_dict's tensors are cut, in the safetensors file's order (by name), into parts: whole tensors while
-they fit, and a tensor larger than a part in pieces of its bytes (NAME#0, NAME#1, ...), each at the start
-of a part, which the loader maps side by side. The cut depends only on the tensors' names and sizes, so a version of the model that changes some
+A state_dict's tensors are cut into parts: the tensors that fit in one, whole, in name order; each tensor
+larger than a part in pieces of its bytes (NAME#0, NAME#1, ...), a part each, which the loader maps side
+by side. The cut depends only on the tensors' names and sizes, so a version of the model that changes some
 tensors' values keeps every other part byte for byte: its wheel is then the same name, version and file,
 which pip neither downloads nor installs again (a part's version is its content's, see WeightsPart).
 """
@@ -73,9 +73,10 @@ def part_names(names: PackageName, index: int) -> PackageName:
 def cut(tensors: Mapping[str, Tensor], max_file_size: int) -> list[list[Piece]]:
     """The tensors cut into parts of at most max_file_size bytes each, wheel included; one part where they fit.
 
-    A tensor larger than a part is cut into pieces that each begin a part of their own, all but the last a
-    whole number of PIECE_ALIGN bytes long: the part's file puts its data at a PIECE_ALIGN boundary, so the
-    loader can map the pieces side by side into one tensor rather than copy them.
+    The tensors that fit in a part go, whole and in name order, into as few parts as they fill. Each tensor
+    larger than a part is then cut into pieces, each a part of its own: a change to it leaves every other
+    part as it was, and as all but the last piece are a whole number of PIECE_ALIGN bytes long and the part's
+    file puts its data at a PIECE_ALIGN boundary, the loader maps the pieces side by side rather than copy them.
     """
     budget = max_file_size - _WHEEL_OVERHEAD_BYTES
     step = (budget - _ENTRY_BYTES) // PIECE_ALIGN * PIECE_ALIGN
@@ -84,24 +85,23 @@ def cut(tensors: Mapping[str, Tensor], max_file_size: int) -> list[list[Piece]]:
             f"--max-file-size {max_file_size} bytes leaves no room for weights beside a wheel's own files "
             f"({_WHEEL_OVERHEAD_BYTES} bytes); give at least 1MB"
         )
-    parts: list[list[Piece]] = []
-    current: list[Piece] = []
-    used = 0
+    whole = {name: tensor for name, tensor in tensors.items() if _ENTRY_BYTES + tensor.size <= budget}
+    parts = _packed(whole, budget)
     for name, tensor in sorted(tensors.items()):
-        whole = _ENTRY_BYTES + tensor.size
-        if whole > budget or used + whole > budget:
-            if current:
-                parts.append(current)
-            current, used = [], 0
-        if whole <= budget:
-            current.append(Piece(name))
-            used += whole
-            continue
-        for index, start in enumerate(range(0, tensor.size, step)):
-            if current:
-                parts.append(current)
-            end = min(tensor.size, start + step)
-            current, used = [Piece(name, start, end, index)], _ENTRY_BYTES + end - start
-    if current:
-        parts.append(current)
+        if name not in whole:
+            ranges = [(start, min(tensor.size, start + step)) for start in range(0, tensor.size, step)]
+            parts += [[Piece(name, start, end, index)] for index, (start, end) in enumerate(ranges)]
+    return parts
+
+
+def _packed(tensors: Mapping[str, Tensor], budget: int) -> list[list[Piece]]:
+    """Whole tensors in name order, a part filled before the next begins."""
+    parts: list[list[Piece]] = []
+    used = budget
+    for name, tensor in sorted(tensors.items()):
+        if used + _ENTRY_BYTES + tensor.size > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append(Piece(name))
+        used += _ENTRY_BYTES + tensor.size
     return parts
