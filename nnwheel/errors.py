@@ -126,6 +126,18 @@ class DeployError(NnwheelError):
     """The deployment files cannot be made: the model's version cannot be found on the index."""
 
 
+class ContainerEngineError(DeployError):
+    """deploy --build finds no container engine that answers, or the one asked for is not there."""
+
+
+class ImageBuildError(DeployError):
+    """The container engine could not build the image: the base image, or pip inside the build, failed."""
+
+
+class ContainerRunError(DeployError):
+    """deploy --run cannot start the built image, or the container stops before it is ready."""
+
+
 class ConversionError(NnwheelError):
     """wrap --to cannot convert the model, or the converted model does not give the same outputs."""
 
