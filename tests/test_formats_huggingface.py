@@ -180,6 +180,26 @@ def test_real_minilm_installed_in_a_fresh_venv_embeds_as_sentence_transformers(t
     expected = SentenceTransformer(str(MINILM), device="cpu").encode(TEXTS)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
     assert not (tmp_path / "empty-hf-home").exists() or not any((tmp_path / "empty-hf-home").rglob("*.safetensors"))
+    # The directory's own model card and license, without the Hub's YAML front matter; nnwheel's usage after it.
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = HeaderParser().parsestr(archive.read("minilm_embedder-0.1.0.dist-info/METADATA").decode())
+    card = metadata.get_payload()
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert card.startswith("# all-MiniLM-L6-v2") and "library_name:" not in card
+    assert "## Packaged by nnwheel" in card and "from minilm_embedder import predict" in card
+
+
+def test_a_card_license_that_is_not_spdx_is_left_out_with_a_note(classifier_dir, tmp_path, capsys):
+    directory = copy_of(classifier_dir, tmp_path)
+    (directory / "README.md").write_text("---\nlicense: openrail\n---\n# A sentiment model\n")
+    capsys.readouterr()
+    code = main(["wrap", str(directory), "--name", "my-sentiment", "--out", str(tmp_path / "dist"),
+                 "--source-dir", str(tmp_path / "project")])
+    assert code == 0
+    assert "names the license 'openrail', which is not an SPDX expression: give --license" in capsys.readouterr().err
+    project = tmp_path / "project"
+    assert (project / "README.md").read_text().startswith("# A sentiment model")
+    assert "license" not in (project / "pyproject.toml").read_text()
 
 
 # --- What is refused, each with one clear line -------------------------------------------------------------

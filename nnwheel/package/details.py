@@ -43,8 +43,8 @@ def project_metadata(details: PackageDetails, source: ModelSource) -> ProjectMet
     return ProjectMetadata(
         summary=details.summary or f"{details.names.distribution}: a {format} model packaged by nnwheel",
         requirements=(*source.requirements, *details.requires),
-        model_card=details.model_card,
-        license=details.license,
+        model_card=details.model_card or source.model_card,
+        license=details.license or source.license,
         author=details.author,
     )
 

@@ -12,8 +12,12 @@ here, and any other is refused. A config with auto_map names code that comes wit
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+import yaml
+from packaging.licenses import InvalidLicenseExpression, canonicalize_license_expression
 
 from ..errors import CheckpointError
 from ..schema import OutputSchema, TensorSpec
@@ -22,6 +26,7 @@ from .source import ModelSource, ProgramFile, SourceOptions
 from .versions import installed_minor
 
 MODEL_DIR = "model"  # the directory's files, inside the package
+notes = logging.getLogger("nnwheel.wrap")  # what wrap found out by itself; the CLI shows it as `note:` lines
 # The tokenizer's files transformers reads, besides tokenizer.json; a directory has those its kind needs.
 _TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -44,7 +49,38 @@ def read_huggingface(checkpoint: Checkpoint, options: SourceOptions) -> ModelSou
     _refuse_remote_code(directory, config)
     outputs = _outputs(directory, config)
     files = (*_weights(directory), *_model_files(directory))
-    return ModelSource(checkpoint, "transformers", requirements, (_TEXT,), files=files, outputs=outputs)
+    card, license = _model_card(directory / "README.md")
+    return ModelSource(
+        checkpoint, "transformers", requirements, (_TEXT,), files=files, outputs=outputs, model_card=card,
+        license=license,
+    )
+
+
+def _model_card(path: Path) -> tuple[str | None, str | None]:
+    """The directory's own model card without its YAML front matter (the Hub's metadata, which a package index
+    would show as text), and the license that front matter names, where it is an SPDX expression."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # none, or not text: the generated card alone
+        return None, None
+    if not text.startswith("---\n") or "\n---\n" not in text[3:]:
+        return text, None
+    front, body = text[4:].split("\n---\n", 1)
+    try:
+        named = (yaml.safe_load(front) or {}).get("license")
+    except (yaml.YAMLError, AttributeError):
+        return body.lstrip("\n"), None
+    return body.lstrip("\n"), _spdx(path, named)
+
+
+def _spdx(path: Path, named: object) -> str | None:
+    if not isinstance(named, str):
+        return None
+    try:
+        return str(canonicalize_license_expression(named))
+    except InvalidLicenseExpression:
+        notes.warning("%s names the license %r, which is not an SPDX expression: give --license", path, named)
+        return None
 
 
 def _read_json(path: Path) -> Any:

@@ -65,6 +65,8 @@ class ModelSource:
     run_at_wrap: bool = True  # False for a large program whose file gives its outputs: it is not loaded at all
     read_with_torch: bool = False  # its tensors were listed by torch.load (so torch is imported already)
     input_guess: InputGuess | None = None  # where `inputs` were read from the model, not given
+    model_card: str | None = None  # the model's own card (a Hugging Face directory's README.md), unless --readme
+    license: str | None = None  # SPDX, canonical: what the model's own card says, unless --license
 
     @property
     def weights_size(self) -> int:
