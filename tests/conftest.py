@@ -172,11 +172,12 @@ class Devpi:
     def create_user(self, name: str, password: str) -> None:
         self._call("PUT", f"{self.url}/{name}", {"password": password}, ("root", DEVPI_ROOT_PASSWORD))
 
-    def create_index(self, user: str | None = None, password: str = "test-password") -> DevpiIndex:
-        """A new user with a new non-volatile index, as a person would create them with devpi-client."""
+    def create_index(self, user: str | None = None, password: str = "test-password", bases: tuple[str, ...] = ()) -> DevpiIndex:
+        """A new user with a new non-volatile index, as a person would create them with devpi-client; bases are
+        other indexes' USER/INDEX names whose packages it offers too, as root/pypi's are in a real one."""
         user = user or f"user{next(_unique)}"
         self.create_user(user, password)
-        self._call("PUT", f"{self.url}/{user}/models", {"bases": [], "volatile": False}, (user, password))
+        self._call("PUT", f"{self.url}/{user}/models", {"bases": list(bases), "volatile": False}, (user, password))
         return DevpiIndex(f"{self.url}/{user}/models/", user, password)
 
     @staticmethod
