@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import NnwheelError
+from .batch.commands import add_batch
 from .package.parts import DEFAULT_MAX_FILE_SIZE
 from .serving.commands import add_deploy, add_serve
 from .share.commands import add_index, add_publish
@@ -252,4 +253,4 @@ def _run_verify(args: argparse.Namespace) -> None:
 
 
 # Each entry adds one sub-command to the parser; they appear in --help in this order.
-COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, add_index, add_publish, add_serve, add_deploy]
+COMMANDS: list = [_add_wrap, _add_inspect, _add_list, _add_verify, add_index, add_publish, add_serve, add_deploy, add_batch]

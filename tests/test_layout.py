@@ -69,7 +69,7 @@ def test_modules_and_classes_are_short(path):
 def test_the_stages_are_sub_packages():
     """A newcomer reading only the tree can say where a byte of weights goes."""
     packages = {path.parent.name for path in NNWHEEL.glob("*/__init__.py")}
-    assert packages == {"sources", "package", "share", "serving"}
+    assert packages == {"sources", "package", "share", "serving", "batch"}
 
 
 @pytest.mark.parametrize(
@@ -80,3 +80,11 @@ def test_a_stage_knows_nothing_of_the_later_ones(stage, later):
     for path in sorted((NNWHEEL / stage).rglob("*.py")):
         reached = {name.split(".")[1] for name in imports_of(path) if name.count(".") >= 1}
         assert not reached & later, f"{path.relative_to(NNWHEEL)} imports {sorted(reached & later)}"
+
+
+def test_batch_is_the_last_stage_only_the_cli_reaches():
+    """nnwheel batch runs installed models: it may use any stage, and none may use it."""
+    for path in MODULES:
+        if path.relative_to(NNWHEEL).parts[0] not in ("batch", "cli.py"):
+            reached = {name for name in imports_of(path) if name.startswith("nnwheel.batch")}
+            assert not reached, f"{path.relative_to(NNWHEEL)} imports {sorted(reached)}"
