@@ -1,9 +1,11 @@
-"""What scripts/loadtest and scripts/serve_bench share: .venv's Python, a venv with a wrapped model installed,
-nnwheel serve on a free 127.0.0.1 port, wrk, and the model calls counted in /metrics. Standard library only,
-so that a script can import it before it runs itself again in .venv."""
+"""What scripts/loadtest, serve_bench and grpc_profile share: .venv's Python, a venv with a wrapped model
+installed, nnwheel serve on a free 127.0.0.1 port, wrk, a gRPC load, and the model calls counted in /metrics.
+Standard library only at import (grpc is imported by the load itself), so that a script can import it before
+it runs itself again in .venv."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -129,3 +131,34 @@ def wrk_load(wrk: str, script: Path, url: str, clients: int, seconds: int) -> Lo
 def _milliseconds(output: str, percentile: str) -> float:
     value, unit = re.search(rf"^\s+{percentile}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+
+def grpc_load(port: int, request: bytes, clients: int, seconds: float) -> Load:
+    """`clients` concurrent ModelInfer calls on one channel for `seconds`, in a process of its own."""
+    import grpc
+
+    async def run() -> tuple[list[float], int]:
+        latencies, errors = [], 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+            await infer(request)
+            deadline = time.perf_counter() + seconds
+
+            async def client() -> None:
+                nonlocal errors
+                while (started := time.perf_counter()) < deadline:
+                    try:
+                        await infer(request)
+                        latencies.append(time.perf_counter() - started)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+
+            await asyncio.gather(*(client() for _ in range(clients)))
+        return latencies, errors
+
+    started = time.perf_counter()
+    latencies, errors = asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    percentile = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return Load(len(latencies) / elapsed, percentile(0.5), percentile(0.99), errors)
