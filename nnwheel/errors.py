@@ -38,6 +38,11 @@ class SchemaError(NnwheelError):
     """The input or output schema cannot be determined or does not fit the model."""
 
 
+class ProcessingError(NnwheelError):
+    """--preprocess, --postprocess, --labels or --asset cannot be used: a function fails on the example, or the
+    labels do not fit the model's outputs."""
+
+
 class OutputError(NnwheelError):
     """The wheel or project cannot be written where it was asked for."""
 
