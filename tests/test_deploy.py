@@ -87,12 +87,20 @@ def test_dockerfile_passes_hadolint_and_runs_no_shell(deployed, tmp_path):
     dockerfile = (deployed / "Dockerfile").read_text()
     lint = subprocess.run([BIN / "hadolint", deployed / "Dockerfile"], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    assert f"FROM python:{sys.version_info.major}.{sys.version_info.minor}-slim" in dockerfile
+    base = f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"
+    assert [arguments for keyword, arguments in instructions(deployed / "Dockerfile") if keyword == "FROM"] == [
+        f"{base} AS build", base,
+    ]  # fmt: skip
     assert ("USER", "10001") in instructions(deployed / "Dockerfile")
-    assert exec_forms(deployed / "Dockerfile", "RUN") == [
-        ["useradd", "--no-log-init", "--create-home", "--uid", "10001", "model"],
-        ["pip", "install", "--no-cache-dir", "--index-url", INDEX, "digits-mlp==0.1.0", f"nnwheel[serve]=={__version__}"],
-    ]
+    assert ("COPY", "--from=build /opt/model /opt/model") in instructions(deployed / "Dockerfile")
+    [make_venv, install, trim, add_user] = exec_forms(deployed / "Dockerfile", "RUN")
+    assert make_venv == ["python3", "-m", "venv", "/opt/model"]
+    assert install == [
+        "pip", "install", "--no-cache-dir", "--index-url", INDEX, "--extra-index-url", "https://download.pytorch.org/whl/cpu",
+        "digits-mlp==0.1.0", f"nnwheel[serve]=={__version__}",
+    ]  # fmt: skip
+    assert trim[:2] == ["python", "-c"] and "'test', 'include'" in trim[2]
+    assert add_user == ["useradd", "--no-log-init", "--create-home", "--uid", "10001", "model"]
     [healthcheck] = exec_forms(deployed / "Dockerfile", "HEALTHCHECK")
     assert healthcheck[:2] == ["python", "-c"] and "http://127.0.0.1:8080/v2/health/ready" in healthcheck[2]
     assert exec_forms(deployed / "Dockerfile", "CMD") == [["nnwheel", "serve", "digits-mlp", "--host", "0.0.0.0", "--port", "8080"]]

@@ -7,6 +7,8 @@ import shlex
 from pathlib import Path
 
 from ..urls import port
+from .dockerfile import TORCH_CPU_INDEX, default_base_image
+from .engines import ENGINES
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
@@ -73,13 +75,14 @@ def _run_serve(args: argparse.Namespace) -> None:
 def add_deploy(commands: argparse._SubParsersAction) -> None:
     deploy = commands.add_parser(
         "deploy",
-        help="write a Dockerfile and Kubernetes manifests that serve a model from an index",
-        description="Write DIR/Dockerfile (pip installs NAME==VERSION and nnwheel[serve] from the index and "
-        "runs nnwheel serve as a non-root user, with a HEALTHCHECK) and DIR/kubernetes.yaml (a Deployment "
-        "with probes on the V2 health endpoints and resource limits, a Service and a "
-        "HorizontalPodAutoscaler). Nothing is built or applied.",
+        help="write (and with --build, build) the image and Kubernetes manifests that serve a model from an index",
+        description="Write DIR/Dockerfile (pip installs NAME==VERSION and nnwheel[serve] from the index into a "
+        "venv, which a second stage copies onto the base image; nnwheel serve runs as a non-root user, with a "
+        "HEALTHCHECK) and DIR/kubernetes.yaml (a Deployment with probes on the V2 health endpoints and "
+        "resource limits, a Service and a HorizontalPodAutoscaler). --build builds the image with docker "
+        "(where its daemon answers), podman or buildah; --run then starts it and waits until it is ready.",
         epilog="example: nnwheel deploy mnist-mlp --index https://devpi.example.com/team/models/+simple/ "
-        "--image registry.example.com/mnist-mlp:0.1.0",
+        "--build --run",
     )
     deploy.add_argument("name", metavar="NAME", help="the model's distribution name, e.g. mnist-mlp")
     deploy.add_argument("--index", required=True, metavar="URL",
@@ -89,16 +92,53 @@ def add_deploy(commands: argparse._SubParsersAction) -> None:
                         help="where to write the files (default: %(default)s)")
     deploy.add_argument("--image", help="the image reference the Deployment runs, in your registry "
                         "(default: NAME:VERSION)")
+    deploy.add_argument("--base-image", metavar="IMAGE", help="the image to install onto; it needs python3 with "
+                        f"its venv module, of the Python the model's wheels are for (default: {default_base_image()})")
+    deploy.add_argument("--torch-index", default=TORCH_CPU_INDEX, metavar="URL",
+                        help="the extra index pip finds torch on: CUDA builds with "
+                        "https://download.pytorch.org/whl/cu126, none where --index holds the torch to install "
+                        "(default: the CPU builds, %(default)s)")
+    build = deploy.add_argument_group("building and running the image here")
+    build.add_argument("--build", action="store_true", help="build the image, tagged as --image (log: DIR/build.log)")
+    build.add_argument("--engine", choices=ENGINES, help="the container engine (default: docker where its daemon "
+                       "answers, else podman, else buildah)")
+    build.add_argument("--run", dest="run_image", action="store_true", help="after --build, run the image as `docker run -p PORT:8080` "
+                       "does and wait until it is ready (docker or podman)")
+    build.add_argument("--port", type=port, default=8080, help="the port --run publishes (default: %(default)s)")
     deploy.set_defaults(run=_run_deploy)
 
 
 def _run_deploy(args: argparse.Namespace) -> None:
-    from .deploy import deploy
+    from ..errors import ContainerEngineError, UsageError
+    from .container_run import check_port_free, run_container
+    from .deploy import DeployOptions, deploy
+    from .engines import find_engine
+    from .image_build import build_image
 
-    done = deploy(args.name, args.index, args.version, args.out, args.image)
+    if (args.engine or args.run_image) and not args.build:
+        raise UsageError("--engine and --run go with --build: add --build")
+    engine = find_engine(args.engine) if args.build else None  # before anything is written
+    if args.run_image:
+        if not engine.runs_containers:
+            raise ContainerEngineError("--run: buildah builds images but runs no server; install podman or Docker")
+        check_port_free(args.port)  # before minutes of building
+    options = DeployOptions(args.index, args.version, args.image, args.base_image, args.torch_index)
+    done = deploy(args.name, args.out, options)
     dockerfile, manifests = (shlex.quote(str(path)) for path in done.files)
     print(f"wrote {dockerfile} and {manifests} for {done.name} {done.version}")
     # Quoted, so that the lines can be pasted into a shell whatever --out holds.
     folder, image = shlex.quote(str(done.files[0].parent)), shlex.quote(done.image)
-    print(f"next: docker build -t {image} {folder} && docker push {image}")
-    print(f"      kubectl apply -f {manifests}")
+    if engine is None:
+        print(f"next: docker build -t {image} {folder} && docker push {image}")
+        print(f"      kubectl apply -f {manifests}")
+        return
+    print(f"building {image} with {engine.name} (log: {shlex.quote(str(done.files[0].parent / 'build.log'))})")
+    built = build_image(engine, done.files[0].parent, done.image, done.base_image)
+    print(f"built {image}: {built.size}, in {built.seconds:.0f} s")
+    if args.run_image:
+        running = run_container(engine, done.image, done.container_name, args.port)
+        print(f"ready at {running.url} in {running.seconds_to_ready:.1f} s: curl -X POST {running.url}/predict -d "
+              f"'{{\"data\": [[...]]}}'")
+        print(f"stop: {engine.name} stop {running.name} && {engine.name} rm {running.name}")
+    else:
+        print(f"next: {engine.name} push {image} && kubectl apply -f {manifests}")

@@ -1,7 +1,8 @@
 """nnwheel deploy: a Dockerfile and Kubernetes manifests that run `nnwheel serve` for a model on a package index.
 
-Nothing is built or applied here: the files are for the team's own image registry and cluster. The model
-is installed in the image by pip from the index, pinned to one version, exactly as users install it.
+The files are for the team's own image registry and cluster; deploy --build has an engine build them here
+(image_build.py), --run starts the image (container_run.py). The model is installed in the image by pip
+from the index, pinned to one version, exactly as users install it.
 Every option is checked against its grammar before anything is written (dockerfile.py and manifests.py
 say how each file keeps the values as given).
 """
@@ -30,7 +31,7 @@ from packaging.version import InvalidVersion, Version
 from ..errors import DeployError, IndexUnreachableError, OutputError, UsageError
 from ..names import parse_package_name
 from ..urls import parse_url
-from .dockerfile import dockerfile
+from .dockerfile import TORCH_CPU_INDEX, default_base_image, dockerfile
 from .image_reference import parse_image_reference
 from .manifests import kubernetes_yaml
 
@@ -40,24 +41,39 @@ class Deployment:
     name: str
     version: str
     image: str
+    base_image: str
+    container_name: str  # what deploy --run names the container: NAME-VERSION
     files: tuple[Path, ...]
 
 
-def deploy(name: str, index_url: str, version: str | None, out_dir: Path, image: str | None) -> Deployment:
+@dataclass(frozen=True)
+class DeployOptions:
+    """The command line's values as given, checked by deploy()."""
+
+    index_url: str
+    version: str | None = None
+    image: str | None = None
+    base_image: str | None = None
+    torch_index: str = TORCH_CPU_INDEX  # "none": torch from the index alone
+
+
+def deploy(name: str, out_dir: Path, options: DeployOptions) -> Deployment:
     package = parse_package_name(name)
-    index_url = parse_url(index_url, "--index", _NO_CREDENTIALS)
-    given_image = parse_image_reference(image, "--image") if image is not None else None
-    version = _pinned_version(version) if version is not None else latest_version(index_url, name)
+    index_url = parse_url(options.index_url, "--index", _NO_CREDENTIALS)
+    torch_index = None if options.torch_index == "none" else parse_url(options.torch_index, "--torch-index", _NO_CREDENTIALS)
+    given_image = parse_image_reference(options.image, "--image") if options.image is not None else None
+    base = parse_image_reference(options.base_image, "--base-image") if options.base_image else default_base_image()
+    version = _pinned_version(options.version) if options.version is not None else latest_version(index_url, name)
     object_name = kubernetes_name(name)
     # A label value and an image tag allow no "+" (as in 1.0.0+cpu), and at most 63 and 128 characters.
     tag = re.sub(r"[^A-Za-z0-9_.-]", "-", version)[:63].strip("-._")
     image = given_image or f"{object_name}:{tag}"
     manifests = kubernetes_yaml(name, version, object_name, tag, image, f"{package.import_name.upper()}_DEVICE")
     files = (
-        _write(out_dir / "Dockerfile", dockerfile(name, version, index_url, image)),
+        _write(out_dir / "Dockerfile", dockerfile(name, version, index_url, image, base, torch_index)),
         _write(out_dir / "kubernetes.yaml", manifests),
     )
-    return Deployment(name, version, image, files)
+    return Deployment(name, version, image, base, f"{object_name}-{tag}", files)
 
 
 _NO_CREDENTIALS = "the image would keep them: give pip a netrc at build time (docker build --secret) instead"

@@ -1,0 +1,217 @@
+"""nnwheel deploy --build and --run with a real engine: the digits model's image is built from the generated
+Dockerfile onto a base image made here, pip inside the build installs from a real devpi-server, and the
+container and the Kubernetes manifests (podman kube play) answer requests from this machine exactly as
+predict() does in process. The base image and the downloaded wheels are kept a day between runs."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, Devpi, DevpiIndex, free_port, make_resolving_venv, nnwheel, the_error
+
+pytestmark = [pytest.mark.container, pytest.mark.e2e]
+
+BIN = Path(sys.executable).parent
+CACHE = Path.home() / ".cache" / "nnwheel-tests"
+TORCH = "torch==2.13.0"  # the CPU build: this machine's pip config finds its wheel on disk
+IMAGE = "digits-mlp:0.1.0"
+GRACE = 30  # the manifests' terminationGracePeriodSeconds
+
+
+# --- The engine, the base image and the index ---------------------------------------------------------------
+
+
+def podman() -> str:
+    """podman's path, or a skip that says in one line why no container can run here."""
+    program = shutil.which("podman")
+    if program is None:
+        pytest.skip("no container engine can run here: podman is not installed (scripts/setup installs it)")
+    probe = subprocess.run([program, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no container engine can run here: podman info fails ({probe.stderr.strip().splitlines()[-1]})")
+    return program
+
+
+def engine(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([podman(), *map(str, arguments)], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="session")
+def base_image() -> str:
+    """A Debian base image with python3 and venv, made once a day by scripts/make_base_image and kept as a cache."""
+    podman()
+    made = subprocess.run([ROOT / "scripts" / "make_base_image"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip()
+
+
+def wheelhouse(*requirements: str) -> list[Path]:
+    """Every wheel requirements need on the base image's Linux and Python (this one's, 3.11), downloaded with this
+    machine's pip config (its CPU torch wheel on disk, the rest from PyPI) into a folder kept a day."""
+    dest = CACHE / f"wheelhouse-{datetime.date.today():%Y%m%d}"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "--dest", dest, *requirements],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return sorted(dest.glob("*.whl"))
+
+
+def upload(index: DevpiIndex, wheels: list[Path]) -> None:
+    subprocess.run([BIN / "twine", "upload", "--repository-url", index.url, "-u", index.user, "-p", index.password,
+                    *wheels], check=True, capture_output=True)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageIndexes:
+    models: DevpiIndex  # digits-mlp and nnwheel, with a base that has their dependencies: what --index names
+    torch: DevpiIndex  # torch alone, standing in for https://download.pytorch.org/whl/cpu: --torch-index
+
+
+@pytest.fixture(scope="session")
+def image_indexes(devpi: Devpi, digits_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> ImageIndexes:
+    dist = tmp_path_factory.mktemp("own-dist")
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, ROOT],
+                   check=True, capture_output=True)  # fmt: skip
+    [own] = dist.glob("nnwheel-*.whl")
+    ours = {own.name, digits_wheel.name}
+    wheels = [wheel for wheel in wheelhouse(TORCH, f"{own}[serve]", str(digits_wheel)) if wheel.name not in ours]
+    deps, torch = devpi.create_index(), devpi.create_index()
+    upload(deps, [wheel for wheel in wheels if not wheel.name.startswith("torch-")])
+    upload(torch, [wheel for wheel in wheels if wheel.name.startswith("torch-")])
+    models = devpi.create_index(bases=(f"{deps.user}/models",))
+    upload(models, [own, digits_wheel])
+    return ImageIndexes(models, torch)
+
+
+def deploy_build(out: Path, indexes: ImageIndexes, base: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return nnwheel(
+        "deploy", "digits-mlp", "--index", indexes.models.simple_url, "--torch-index", indexes.torch.simple_url,
+        "--base-image", base, "--out", out, "--build", *args, check=check,
+    )  # fmt: skip
+
+
+# --- The image and its container ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deployed:
+    out: Path
+    stdout: str
+    url: str  # where --run published the container
+    container: str
+
+
+@pytest.fixture(scope="module")
+def deployed(image_indexes, base_image, tmp_path_factory) -> Deployed:
+    """nnwheel deploy --build --run, as a user runs it; the container and the image are removed afterwards."""
+    out = tmp_path_factory.mktemp("deployed")
+    port = free_port()
+    before = unnamed_images()
+    try:
+        result = deploy_build(out, image_indexes, base_image, "--run", "--port", str(port))
+        yield Deployed(out, result.stdout, f"http://127.0.0.1:{port}", "digits-mlp-0.1.0")
+    finally:
+        engine("rm", "--force", "digits-mlp-0.1.0", check=False)
+        engine("rmi", "--force", IMAGE, *(unnamed_images() - before), check=False)
+
+
+def unnamed_images() -> set[str]:
+    """The untagged images: the layer cache a build leaves, the venv stage's 1 GB among them."""
+    return set(engine("images", "--quiet", "--no-trunc", "--filter", "dangling=true").stdout.split())
+
+
+@pytest.fixture(scope="module")
+def in_process(digits_wheel, digits_sample, tmp_path_factory) -> list:
+    """predict() of the same wheel in a fresh venv, as a user of the package calls it."""
+    env = make_resolving_venv(tmp_path_factory.mktemp("in-process") / "venv")
+    env.pip("install", "--no-deps", digits_wheel)
+    code = "import json, sys, digits_mlp; print(json.dumps(digits_mlp.predict(json.load(sys.stdin)).tolist()))"
+    return json.loads(env.run(code, input=json.dumps(digits_sample), cwd=env.path).stdout)
+
+
+def test_the_built_image_answers_like_predict_in_process(deployed, digits_sample, in_process):
+    assert "building digits-mlp:0.1.0 with podman" in deployed.stdout  # docker's client is here, its daemon not
+    assert f"ready at {deployed.url}" in deployed.stdout
+    reply = httpx.post(f"{deployed.url}/predict", json={"data": digits_sample}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["predictions"] == in_process
+
+    flat = np.array(digits_sample, dtype=np.float32).ravel().tolist()
+    request = {"inputs": [{"name": "input", "shape": [4, 64], "datatype": "FP32", "data": flat}]}
+    infer = httpx.post(f"{deployed.url}/v2/models/digits-mlp/infer", json=request, timeout=30).json()
+    [output] = infer["outputs"]
+    assert output["shape"] == [4, 10] and np.array(output["data"]).reshape(4, 10).tolist() == in_process
+    assert engine("healthcheck", "run", deployed.container).returncode == 0  # the Dockerfile's HEALTHCHECK
+
+
+def test_the_image_is_slim_cpu_only_and_runs_as_non_root(deployed, base_image):
+    [config] = json.loads(engine("image", "inspect", IMAGE).stdout)
+    assert config["Config"]["User"] == "10001"
+    assert config["Config"]["Cmd"] == ["nnwheel", "serve", "digits-mlp", "--host", "0.0.0.0", "--port", "8080"]
+    [base] = json.loads(engine("image", "inspect", base_image).stdout)
+    assert len(config["RootFS"]["Layers"]) == len(base["RootFS"]["Layers"]) + 2  # the user, the venv
+    probe = "import os, torch; print(torch.__version__, os.path.exists('/root/.cache/pip'), os.path.exists('/opt/model/bin/pip'))"
+    answer = engine("run", "--rm", "--user", "0", IMAGE, "python", "-c", probe).stdout.split()
+    assert answer == ["2.13.0+cpu", "False", "True"]  # no pip cache; pip is the venv's own, small
+    size_mb = config["Size"] / 1e6
+    assert f"built digits-mlp:0.1.0: {size_mb:.0f} MB" in deployed.stdout
+    assert size_mb < 1100, f"{size_mb:.0f} MB"
+
+
+def test_sigterm_stops_the_container_with_status_0_within_the_grace_period(deployed, in_process, digits_sample):
+    """Last of the module's container tests: it stops the container."""
+    started = time.monotonic()
+    engine("stop", "--time", GRACE, deployed.container)  # SIGTERM, then SIGKILL after GRACE s
+    elapsed = time.monotonic() - started
+    state = json.loads(engine("inspect", "--format", "{{json .State}}", deployed.container).stdout)
+    assert state["ExitCode"] == 0 and elapsed < GRACE, (state, elapsed)
+
+
+def test_kube_play_runs_the_deployment_whose_probes_and_port_answer(deployed, in_process, digits_sample):
+    """podman kube play starts the Deployment's pod from the built image. podman turns httpGet probes into
+    curl health checks, which this image has no curl for, so the test probes as the kubelet does: GET each
+    probe's path on the pod's IP and the container port the probe names."""
+    manifests = deployed.out / "kubernetes.yaml"
+    [deployment, *_] = yaml.safe_load_all(manifests.read_text())
+    [spec] = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in spec["ports"]}
+    try:
+        played = engine("kube", "play", manifests)
+        pod_url = f"http://{pod_ip(deployment['metadata']['name'])}"
+        startup = spec["startupProbe"]
+        deadline = time.monotonic() + startup["periodSeconds"] * startup["failureThreshold"]
+        while not probe(pod_url, ports, startup):
+            assert time.monotonic() < deadline, engine("pod", "logs", f"{deployment['metadata']['name']}-pod-0").stdout
+            time.sleep(0.2)
+        assert probe(pod_url, ports, spec["readinessProbe"]) and probe(pod_url, ports, spec["livenessProbe"])
+        reply = httpx.post(f"{pod_url}:{ports['http']}/predict", json={"data": digits_sample}, timeout=30)
+        assert reply.json()["predictions"] == in_process
+    finally:
+        engine("kube", "down", manifests, check=False)
+    assert "Pod:" in played.stdout
+
+
+def pod_ip(deployment: str) -> str:
+    """The IP of the pod kube play made for a Deployment (named DEPLOYMENT-pod-0), on podman's network."""
+    infra = engine("pod", "inspect", "--format", "{{.InfraContainerID}}", f"{deployment}-pod-0").stdout.strip()
+    return engine("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", infra).stdout.strip()
+
+
+def probe(pod_url: str, ports: dict[str, int], spec: dict) -> bool:
+    get = spec["httpGet"]
+    try:
+        answer = httpx.get(f"{pod_url}:{ports[get['port']]}{get['path']}", timeout=spec.get("timeoutSeconds", 1))
+    except httpx.TransportError:
+        return False
+    return 200 <= answer.status_code < 400
