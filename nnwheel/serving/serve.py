@@ -7,6 +7,7 @@ SIGTERM and SIGINT stop the server once the requests in flight are answered.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import logging.config
@@ -41,7 +42,7 @@ def serve(options: ServeOptions) -> None:
     config_options = dict(host=options.host, port=options.port, log_config=log_config, access_log=False, workers=options.workers)
     if options.workers == 1:
         # Load in this process so that a missing or broken model is a clear error before anything listens.
-        config = uvicorn.Config(create_app(ServedModel.load(options.name), options), **config_options)
+        config = uvicorn.Config(create_app(_loaded(options.name), options), **config_options)
     else:
         describe_installed(options.name)  # a wrong name fails here, not in every worker
         config = uvicorn.Config(f"{__name__}:app_from_environment", factory=True, **config_options)
@@ -62,11 +63,19 @@ def app_from_environment() -> ASGIApp:
     """The app of one worker process when there are several."""
     options = ServeOptions(**json.loads(os.environ[_OPTIONS_VARIABLE]))
     try:
-        return create_app(ServedModel.load(options.name), options)
+        return create_app(_loaded(options.name), options)
     except NnwheelError as error:
         # uvicorn restarts a worker that fails in any other way, forever; this exit status stops them all.
         logger.error("%s", error)
         sys.exit(uvicorn.config.STARTUP_FAILURE)
+
+
+def _loaded(name: str) -> ServedModel:
+    """The model, loaded, with everything made so far (torch and the model: a million objects and more) left
+    out of the garbage collector's full collections, which requests would otherwise pay for in turn."""
+    model = ServedModel.load(name)
+    gc.freeze()
+    return model
 
 
 def _run_workers(config: uvicorn.Config, sock: socket.socket, options: ServeOptions) -> None:
