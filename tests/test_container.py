@@ -45,7 +45,9 @@ def podman() -> str:
 
 
 def engine(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([podman(), *map(str, arguments)], capture_output=True, text=True, check=check)
+    done = subprocess.run([podman(), *map(str, arguments)], capture_output=True, text=True)
+    assert done.returncode == 0 or not check, f"podman {' '.join(map(str, arguments))}: {done.stderr}"
+    return done
 
 
 @pytest.fixture(scope="session")
@@ -178,40 +180,42 @@ def test_sigterm_stops_the_container_with_status_0_within_the_grace_period(deplo
     assert state["ExitCode"] == 0 and elapsed < GRACE, (state, elapsed)
 
 
-def test_kube_play_runs_the_deployment_whose_probes_and_port_answer(deployed, in_process, digits_sample):
-    """podman kube play starts the Deployment's pod from the built image. podman turns httpGet probes into
-    curl health checks, which this image has no curl for, so the test probes as the kubelet does: GET each
-    probe's path on the pod's IP and the container port the probe names."""
-    manifests = deployed.out / "kubernetes.yaml"
-    [deployment, *_] = yaml.safe_load_all(manifests.read_text())
-    [spec] = deployment["spec"]["template"]["spec"]["containers"]
-    ports = {port["name"]: port["containerPort"] for port in spec["ports"]}
+def test_kube_play_runs_the_deployment_whose_probes_and_published_port_answer(deployed, in_process, digits_sample):
+    """podman kube play starts the Deployment's pod from the built image. Two things differ from a cluster:
+    podman 4 publishes a containerPort on this machine's port of the same number (8080 here may be taken), so
+    the test's copy of the manifests gives it a free hostPort; and podman turns httpGet probes into curl
+    health checks (this image has no curl, and a named port becomes port 0), so the test probes as the
+    kubelet does: GET each probe's path on the port the probe names."""
+    documents = list(yaml.safe_load_all((deployed.out / "kubernetes.yaml").read_text()))
+    [spec] = documents[0]["spec"]["template"]["spec"]["containers"]
+    host_port = free_port()
+    spec["ports"][0]["hostPort"] = host_port
+    manifests = deployed.out / "kube-play.yaml"
+    manifests.write_text(yaml.safe_dump_all(documents))
+    url = f"http://127.0.0.1:{host_port}"
     try:
         played = engine("kube", "play", manifests)
-        pod_url = f"http://{pod_ip(deployment['metadata']['name'])}"
         startup = spec["startupProbe"]
         deadline = time.monotonic() + startup["periodSeconds"] * startup["failureThreshold"]
-        while not probe(pod_url, ports, startup):
-            assert time.monotonic() < deadline, engine("pod", "logs", f"{deployment['metadata']['name']}-pod-0").stdout
+        while not probe(url, startup):
+            assert time.monotonic() < deadline, engine("pod", "logs", "digits-mlp-pod-0").stdout
             time.sleep(0.2)
-        assert probe(pod_url, ports, spec["readinessProbe"]) and probe(pod_url, ports, spec["livenessProbe"])
-        reply = httpx.post(f"{pod_url}:{ports['http']}/predict", json={"data": digits_sample}, timeout=30)
+        assert probe(url, spec["readinessProbe"]) and probe(url, spec["livenessProbe"])
+        reply = httpx.post(f"{url}/predict", json={"data": digits_sample}, timeout=30)
         assert reply.json()["predictions"] == in_process
+        pods = engine("pod", "ps", "--filter", "name=digits-mlp", "--format", "{{.Name}}").stdout.split()
+        container = json.loads(engine("inspect", "digits-mlp-pod-0-model").stdout)[0]
     finally:
         engine("kube", "down", manifests, check=False)
-    assert "Pod:" in played.stdout
+    assert "Pod:" in played.stdout and pods == ["digits-mlp-pod-0"]  # one: kube play knows no autoscaler
+    assert container["Config"]["User"] == "10001" and container["HostConfig"]["Memory"] == 2 * 1024**3
 
 
-def pod_ip(deployment: str) -> str:
-    """The IP of the pod kube play made for a Deployment (named DEPLOYMENT-pod-0), on podman's network."""
-    infra = engine("pod", "inspect", "--format", "{{.InfraContainerID}}", f"{deployment}-pod-0").stdout.strip()
-    return engine("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", infra).stdout.strip()
-
-
-def probe(pod_url: str, ports: dict[str, int], spec: dict) -> bool:
-    get = spec["httpGet"]
+def probe(url: str, spec: dict) -> bool:
+    """A kubelet's httpGet probe; the named port is the container's only one, published at url."""
+    assert spec["httpGet"]["port"] == "http"
     try:
-        answer = httpx.get(f"{pod_url}:{ports[get['port']]}{get['path']}", timeout=spec.get("timeoutSeconds", 1))
+        answer = httpx.get(f"{url}{spec['httpGet']['path']}", timeout=spec.get("timeoutSeconds", 1))
     except httpx.TransportError:
         return False
     return 200 <= answer.status_code < 400

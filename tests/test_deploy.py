@@ -51,6 +51,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(deployed):
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert autoscaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"] == "digits-mlp"
+    assert "replicas" not in deployment["spec"]  # the autoscaler's to set; an apply would reset it
     assert "nvidia.com/gpu" in (deployed / "kubernetes.yaml").read_text()  # the note on GPU nodes
 
 
