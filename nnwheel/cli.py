@@ -99,11 +99,22 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
     model.add_argument("--strip-prefix", metavar="PREFIX",
                        help="prefix to remove from every key (default: detect module. and _orig_mod.)")
     schema = wrap.add_argument_group("input schema (torch.export, ONNX and Keras models carry their own)")
-    schema.add_argument("--example", type=Path, metavar="FILE", help="example input: .npy, or .pt with a tensor or tuple")
+    schema.add_argument("--example", type=Path, metavar="FILE", help="example input: .npy, or .pt with a tensor or "
+                        "tuple; with --preprocess, a .json raw input")
     schema.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
                         help="input shape, -1 for any size, e.g. -1,784; repeat once per input")
     schema.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE",
                         help="input dtype (default: float32); repeat once per input or give one for all")
+    around = wrap.add_argument_group("around the model: predict(raw) = postprocess(model(preprocess(raw)))")
+    around.add_argument("--preprocess", metavar="FILE.py:FUNCTION", help="turns predict()'s raw input (text, a JSON "
+                        "value) into the model's input; needs --example FILE.json, a raw input to try it on")
+    around.add_argument("--postprocess", metavar="FILE.py:FUNCTION",
+                        help="turns the model's outputs (with --labels, its labels and scores) into what predict() returns")
+    around.add_argument("--labels", type=Path, metavar="FILE", help="a classifier's labels, one per line in the order "
+                        "of its outputs: predict() then gives each sample's label and its scores (softmax)")
+    around.add_argument("--asset", type=Path, action="append", default=[], metavar="PATH",
+                        help="a file or folder the functions read, shipped in the package (repeatable); "
+                        "they find it with NAME.asset_path('vocab.txt')")
     meta = wrap.add_argument_group("package metadata")
     meta.add_argument("--requires", action="append", default=[], metavar="REQ", help="extra pip requirement (repeatable)")
     meta.add_argument("--readme", type=Path, metavar="FILE", help="model card (Markdown) for the package description")
@@ -125,12 +136,16 @@ def _run_wrap(args: argparse.Namespace) -> None:
     from .package.parts import parse_max_file_size
     from .schema import parse_dtype, parse_shape, specs_from_shapes
     from .sources.arch import parse_arch
+    from .sources.processing import parse_processing
     from .wrap import WrapRequest, wrap
 
     if args.input_dtype and not args.input_shape:
         raise UsageError("--input-dtype needs --input-shape")
-    if args.arch is None and (args.arch_kwargs or args.include):
-        raise UsageError("--arch-kwargs and --include need --arch FILE.py:CLASS")
+    if args.arch is None and args.arch_kwargs:
+        raise UsageError("--arch-kwargs needs --arch FILE.py:CLASS")
+    if args.include and not (args.arch or args.preprocess or args.postprocess):
+        raise UsageError("--include adds modules that --arch FILE.py:CLASS, --preprocess or --postprocess import; give one")
+    processing = parse_processing(args.preprocess, args.postprocess, args.labels, args.asset, args.include, args.example)
     shapes = [parse_shape(text) for text in args.input_shape]
     dtypes = [parse_dtype(text) for text in args.input_dtype] or ["float32"]
     request = WrapRequest(
@@ -140,7 +155,7 @@ def _run_wrap(args: argparse.Namespace) -> None:
         out_dir=args.out,
         overwrite=args.overwrite,
         arch=parse_arch(args.arch, args.arch_kwargs, args.include) if args.arch else None,
-        example=args.example,
+        example=None if processing and processing.preprocess else args.example,  # with it, the raw input
         input_specs=tuple(specs_from_shapes(shapes, dtypes)) if shapes else (),
         requires=tuple(args.requires),
         readme=args.readme,
@@ -152,6 +167,7 @@ def _run_wrap(args: argparse.Namespace) -> None:
         source_dir=args.source_dir,
         to=args.to,
         max_file_size=parse_max_file_size(args.max_file_size),
+        processing=processing,
     )
     with _notes_on_stderr(logging.getLogger("nnwheel.wrap")):
         for wheel in wrap(request):  # the model's own wheel last

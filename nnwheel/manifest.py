@@ -61,6 +61,38 @@ class Arch:
 
 
 @dataclass(frozen=True)
+class Function:
+    """A user's function the package calls around its model: FILE.py:FUNCTION, its source in _functions/."""
+
+    module: str  # the file's name without .py, under the package's _functions/
+    name: str
+
+
+@dataclass(frozen=True)
+class Processing:
+    """What predict() does around the model (predict_tensors()), from wrap's --preprocess, --labels and
+    --postprocess: predict(raw) = postprocess(labelled(predict_tensors(*preprocess(raw)))), each step there
+    only where it was given."""
+
+    input: str  # what predict() takes: "tensor" (the model's inputs), "text" (strings) or "json" (a JSON value)
+    output: str  # what it gives: "tensor" (the model's outputs), "label" ({"label", "scores"}) or "json"
+    preprocess: Function | None = None
+    postprocess: Function | None = None
+    labels: tuple[str, ...] = ()  # the names of the model's output columns, in their order
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Processing:
+        steps = {key: Function(**data[key]) if data[key] else None for key in ("preprocess", "postprocess")}
+        return cls(data["input"], data["output"], **steps, labels=tuple(data["labels"]))
+
+
+# What predict() takes and gives where it is not the model's tensors (see Processing): for the server, the card.
+TEXT_INPUT = TensorSpec("text", "str", (-1,), kind="text")
+JSON_INPUT = TensorSpec("input", "json", (), kind="json")
+JSON_OUTPUT = TensorSpec("output", "json", (), kind="json")
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     import_name: str
@@ -77,6 +109,28 @@ class Manifest:
     arch: Arch | None = None
     parts: tuple[WeightsPart, ...] = ()
     split_tensors: dict[str, SplitTensor] = field(default_factory=dict)
+    processing: Processing | None = None
+
+    @property
+    def predict_inputs(self) -> tuple[TensorSpec, ...]:
+        """What predict() takes: the model's inputs, unless a --preprocess takes text or JSON instead."""
+        kind = self.processing.input if self.processing else "tensor"
+        return {"tensor": self.inputs, "text": (TEXT_INPUT,), "json": (JSON_INPUT,)}[kind]
+
+    @property
+    def predict_outputs(self) -> tuple[tuple[TensorSpec, ...], str]:
+        """What predict() gives, and in which structure: the model's outputs, their labels and scores (--labels),
+        or whatever a --postprocess returns ("json")."""
+        kind = self.processing.output if self.processing else "tensor"
+        if kind == "json":
+            return (JSON_OUTPUT,), "json"
+        if kind == "label":
+            assert self.processing is not None
+            scores = self.outputs[0]
+            label = TensorSpec("label", "str", scores.shape[:-1], kind="label", labels=self.processing.labels)
+            dtype = scores.dtype if scores.dtype.startswith("float") else "float32"  # as _processing.labelled gives them
+            return (label, TensorSpec("scores", dtype, scores.shape)), "dict"
+        return self.outputs, self.output_structure
 
     def to_json(self) -> str:
         data = {"manifest_version": MANIFEST_VERSION, **asdict(self)}
@@ -85,6 +139,10 @@ class Manifest:
         if self.arch is not None:
             data["arch"]["class"] = data["arch"].pop("class_name")
             data["arch"]["non_persistent_buffers"] = list(self.arch.non_persistent_buffers)
+        if self.processing is None:
+            del data["processing"]  # the manifest of a model without it stays as it was
+        else:
+            data["processing"]["labels"] = list(self.processing.labels)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -92,6 +150,7 @@ class Manifest:
         data = json.loads(text)
         data.pop("manifest_version", None)
         arch = data.pop("arch")
+        processing = data.pop("processing", None)
         if arch is not None:
             arch["class_name"] = arch.pop("class")
             arch["non_persistent_buffers"] = tuple(arch["non_persistent_buffers"])
@@ -107,4 +166,5 @@ class Manifest:
                 name: SplitTensor(split["dtype"], tuple(split["shape"]), split["pieces"])
                 for name, split in data.get("split_tensors", {}).items()
             },
+            processing=Processing.from_json(processing) if processing else None,
         )

@@ -20,7 +20,7 @@ class TensorSpec:
     name: str
     dtype: str  # "str" for text and labels
     shape: tuple[int, ...]
-    kind: str = "tensor"  # what predict() takes or gives for it: a "tensor", "text" (strings) or a "label"
+    kind: str = "tensor"  # what predict() takes or gives for it: a "tensor", "text" (strings), a "label", or "json"
     labels: tuple[str, ...] = ()  # a "label" output's values, in the order of the scores' columns
 
     def to_json(self) -> dict[str, Any]:
@@ -79,6 +79,8 @@ def load_example(path: Path) -> list[Any]:
 
     if not path.is_file():
         raise UsageError(f"--example {path} does not exist")
+    if path.suffix == ".json":
+        raise UsageError(f"--example {path}: a .json example is the raw input a --preprocess takes; without one, give .npy or .pt")
     try:
         if path.suffix == ".npy":
             return [np.load(path, allow_pickle=False)]

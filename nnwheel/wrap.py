@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from .schema import TensorSpec, load_example
 from .sources import read_source
 from .sources.arch import ArchSpec
 from .sources.checkpoint import Checkpoint, Format, read_checkpoint
+from .sources.processing import ProcessingSpec, requirements
 from .sources.source import ModelSource, SourceOptions, is_large
 
 
@@ -51,6 +52,7 @@ class WrapRequest:
     source_dir: Path | None = None
     to: str | None = None  # "onnx": convert a PyTorch model at wrap time
     max_file_size: int | None = None  # bytes per wheel file; larger weights are split into part wheels
+    processing: ProcessingSpec | None = None  # --preprocess, --postprocess, --labels, --asset
 
 
 def wrap(request: WrapRequest) -> list[Path]:
@@ -100,7 +102,20 @@ def _read_source(request: WrapRequest) -> tuple[ModelSource, list | None]:
     _check_source_dir(request.source_dir)
     example = load_example(request.example) if request.example else None
     options = SourceOptions(request.arch, request.state_dict_key, request.strip_prefix, request.input_specs, example)
-    return read_source(checkpoint, options), example
+    source = read_source(checkpoint, options)
+    return _with_processing(source, request.processing, request.to), example
+
+
+def _with_processing(source: ModelSource, processing: ProcessingSpec | None, to: str | None) -> ModelSource:
+    """The source with what predict() does around the model, and the requirements of the functions that do it."""
+    if processing is None:
+        return source
+    if to is not None:
+        raise UsageError(f"--to {to} converts the model alone: wrap without --preprocess/--postprocess/--labels/--asset")
+    if processing.labels and source.runtime == "transformers":
+        raise UsageError(f"{source.checkpoint.path} is a Hugging Face model with its own labels (id2label); drop --labels")
+    extra = [r for r in requirements(processing) if r not in source.requirements]
+    return replace(source, processing=processing, requirements=(*source.requirements, *extra))
 
 
 def _finished(

@@ -251,3 +251,99 @@ def test_a_model_that_raises_valueerror_is_not_called_a_misfit(tmp_path, capsys)
     torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "strict.pth")
     line = wrap_fails(capsys, tmp_path / "dist", tmp_path / "strict.pth", "--name", "m", "--arch", f"{arch}:Strict", "--input-shape", "-1,4")
     assert "the model failed on the example input (ValueError: needs positive inputs)" in line
+
+
+# --- --preprocess, --postprocess, --labels, --asset -----------------------------------------------------------
+
+
+def _digits(*extra: object) -> list:
+    return [EXAMPLE / "model.pth", "--name", "m", "--arch", ARCH, *extra]
+
+
+def _functions(directory: Path, source: str) -> Path:
+    (directory / "steps.py").write_text(source)
+    (directory / "raw.json").write_text("[" + ", ".join(["1"] * 64) + "]")
+    return directory / "steps.py"
+
+
+def test_labels_whose_count_differs_from_the_outputs(tmp_path, capsys):
+    (tmp_path / "labels.txt").write_text("".join(f"{d}\n" for d in range(9)))
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--labels", tmp_path / "labels.txt"))
+    assert "has 9 labels, but the model gives 10 scores per sample (output 'output', shape (any, 10))" in line
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "is empty"), ("a\n\nb\n", "has an empty line 2"), ("a\nb\na\n", "has 'a' more than once"),
+])  # fmt: skip
+def test_a_labels_file_that_is_not_one_label_per_line(tmp_path, capsys, text, says):
+    (tmp_path / "labels.txt").write_text(text)
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--labels", tmp_path / "labels.txt"))
+    assert says in line
+
+
+def test_a_preprocess_that_raises_is_reported_as_the_function_failing(tmp_path, capsys):
+    steps = _functions(tmp_path, "def prepare(raw):\n    raise ValueError('pixels must be 0-16')\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--preprocess", f"{steps}:prepare",
+                                                           "--example", tmp_path / "raw.json"))  # fmt: skip
+    assert f"--preprocess {steps}:prepare failed on the --example: ValueError: pixels must be 0-16" in line
+
+
+def test_a_postprocess_that_raises_is_reported_as_the_function_failing(tmp_path, capsys):
+    steps = _functions(tmp_path, "def finish(outputs):\n    return outputs['nope']\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--postprocess", f"{steps}:finish"))
+    assert f"--postprocess {steps}:finish failed on the --example: IndexError" in line
+
+
+def test_a_preprocess_whose_output_does_not_fit_the_model(tmp_path, capsys):
+    steps = _functions(tmp_path, "import numpy as np\n\ndef prepare(raw):\n    return np.zeros((1, 65), np.float32)\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--preprocess", f"{steps}:prepare",
+                                                           "--example", tmp_path / "raw.json"))  # fmt: skip
+    assert f"what --preprocess {steps}:prepare returns for the --example does not fit the model's inputs" in line
+    assert "has shape (1, 65), expected (any, 64)" in line
+
+
+def test_a_postprocess_whose_result_json_cannot_hold(tmp_path, capsys):
+    steps = _functions(tmp_path, "def finish(outputs):\n    return {1j}\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--postprocess", f"{steps}:finish"))
+    assert "returned set on the --example, which JSON cannot hold" in line
+
+
+def test_a_preprocess_needs_a_raw_example(tmp_path, capsys):
+    steps = _functions(tmp_path, "def prepare(raw):\n    return raw\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--preprocess", f"{steps}:prepare"))
+    assert "--preprocess needs --example FILE.json" in line
+
+
+def test_a_function_that_imports_a_file_beside_it_needs_include(tmp_path, capsys):
+    (tmp_path / "helpers.py").write_text("SCALE = 16\n")
+    steps = _functions(tmp_path, "import helpers\n\ndef finish(outputs):\n    return outputs\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--postprocess", f"{steps}:finish"))
+    assert "imports local modules that would not be in the package (helpers.py)" in line
+    assert f"--include {tmp_path / 'helpers.py'}" in line
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("steps.py", "write it as FILE.py:FUNCTION"), ("steps.py:missing", "defines no function 'missing'"),
+    ("nope.py:prepare", "does not exist"),
+])  # fmt: skip
+def test_a_function_that_cannot_be_found(tmp_path, capsys, spec, says):
+    _functions(tmp_path, "def prepare(raw):\n    return raw\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--postprocess", tmp_path / spec))
+    assert says in line
+
+
+def test_an_asset_that_is_missing_or_badly_named(tmp_path, capsys):
+    steps = _functions(tmp_path, "def finish(outputs):\n    return outputs\n")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--postprocess", f"{steps}:finish",
+                                                           "--asset", tmp_path / "vocab.txt"))  # fmt: skip
+    assert "--asset" in line and "does not exist" in line
+    (tmp_path / "bad\nname.txt").write_text("x")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--postprocess", f"{steps}:finish",
+                                                           "--asset", tmp_path / "bad\nname.txt"))  # fmt: skip
+    assert "is not a file name a package can hold" in line
+
+
+def test_a_json_example_without_a_preprocess(tmp_path, capsys):
+    (tmp_path / "raw.json").write_text("[[1.0]]")
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--example", tmp_path / "raw.json"))
+    assert "a .json example is the raw input a --preprocess takes" in line

@@ -20,6 +20,7 @@ from ..sources.source import ModelSource, no_input_schema
 from ..sources.versions import torch_version
 from .plan import PackagePlan, WheelPlan, split_tensors
 from .project import Project
+from .raw_trial import check_labels, preprocessed, raw_run
 from .render import pyproject_text, write_manifest, write_model_card
 from .trial import Trial, keras_inputs, real_run, zeros_for
 
@@ -33,6 +34,7 @@ def complete_package(
     `checkpoint_sha256` is that of a checkpoint converted to safetensors; a program's file goes in as it
     is, and its sha256 is its weights file's."""
     source, wheel, project = plan.source, plan.model, projects[-1]
+    processing = source.processing
     check_unchanged(source.checkpoint)
     if parts:
         _write_pinned_pyproject(project, wheel, parts)
@@ -57,18 +59,30 @@ def complete_package(
         arch=_arch(source, trial),
         parts=parts,
         split_tensors=split_tensors(plan, trial.fit()) if parts else {},
+        processing=processing.manifest() if processing else None,
     )
     write_manifest(project.package, manifest)
     if source.runtime == "keras":
         manifest = replace(manifest, inputs=keras_inputs(project.package))
         write_manifest(project.package, manifest)
+    if processing is not None and processing.preprocess is not None:
+        example = preprocessed(project.package, processing)  # the model's inputs, as the package makes them
     if source.outputs is None:
         manifest = _with_outputs(manifest, source, projects, trial, example)
         write_manifest(project.package, manifest)
     elif source.run_at_wrap:
-        real_run(project.package, example or zeros_for(manifest))  # proof that it runs
+        real_run(project.package, example or zeros_for(manifest), origin=_origin(source))  # proof that it runs
+    if processing is not None:
+        check_labels(manifest, processing)
+        raw_run(project.package, processing, example or zeros_for(manifest), [part.root for part in projects[:-1]])
     write_model_card(project.root, manifest, wheel.metadata)
     return manifest
+
+
+def _origin(source: ModelSource) -> str:
+    """Where the trial's example comes from, for its messages."""
+    preprocess = source.processing.preprocess if source.processing else None
+    return f"what {preprocess} returns for the --example" if preprocess else "the example"
 
 
 def _write_pinned_pyproject(project: Project, wheel: WheelPlan, parts: tuple[WeightsPart, ...]) -> None:
@@ -115,9 +129,9 @@ def _run(source: ModelSource, projects: Sequence[Project], example: list) -> Any
     have without the guess."""
     package, parts = projects[-1].package, [part.root for part in projects[:-1]]
     if source.input_guess is None:
-        return real_run(package, example, parts)
+        return real_run(package, example, parts, _origin(source))
     try:
-        return real_run(package, example, parts)
+        return real_run(package, example, parts, _origin(source))
     except SchemaError as error:
         raise no_input_schema(
             source.checkpoint, f" (its first layer, {source.input_guess.layer}, took {_shapes(source)}, but {error})"

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..manifest import SplitTensor
 from ..names import PackageName
 from ..sources.arch import source_files
+from ..sources.processing import asset_files, function_files
 from ..sources.source import ModelSource, ProgramFile
 from ..sources.tensors import Tensor, TensorListing
 from .fit import Fit
@@ -117,12 +118,15 @@ def _model_wheel(
 ) -> WheelPlan:
     package = names.import_name
     arch_files = source_files(source.arch) if source.arch is not None else ()
+    processing = source.processing
     files = [
         # With weight parts, rewritten pinned to their versions once they are known (complete.py).
         PlannedFile("pyproject.toml", pyproject_text(names.distribution, version, package, metadata).encode()),
         PlannedFile("README.md", None),
-        *(PlannedFile(f"{package}/{name}", path) for name, path in package_code(source.runtime)),
+        *(PlannedFile(f"{package}/{name}", path) for name, path in package_code(source.runtime, processing is not None)),
         *(PlannedFile(f"{package}/_arch/{name}", content) for name, content in arch_files),
+        *(PlannedFile(f"{package}/_functions/{name}", content) for name, content in function_files(processing)),
+        *(PlannedFile(f"{package}/assets/{name}", path) for name, path in asset_files(processing)),
         *(PlannedFile(f"{package}/{file.name}", file) for file in source.files),
     ]
     if source.tensors is not None and not parts:

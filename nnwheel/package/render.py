@@ -26,10 +26,12 @@ class ProjectMetadata:
     author: str | None = None
 
 
-def package_code(runtime: str) -> list[tuple[str, Path]]:
-    """The template's code every model package gets, with the runtime module it needs: (name, template file)."""
+def package_code(runtime: str, processing: bool = False) -> list[tuple[str, Path]]:
+    """The template's code every model package gets, with the runtime module it needs, and where predict() does
+    more than run the model (--preprocess, --labels, --postprocess), what does it: (name, template file)."""
     source = TEMPLATE_DIR / "package"
-    return [(name, source / name) for name in _PACKAGE_FILES] + [("_runtime.py", source / f"_runtime_{runtime}.py")]
+    names = [*_PACKAGE_FILES, "_processing.py"] if processing else _PACKAGE_FILES
+    return [(name, source / name) for name in names] + [("_runtime.py", source / f"_runtime_{runtime}.py")]
 
 
 def write_manifest(package: Path, manifest: Manifest) -> None:
@@ -108,7 +110,18 @@ def _schema_table(manifest: Manifest) -> str:
             shape = "(" + ", ".join("any" if d == -1 else str(d) for d in spec.shape) + ")"
             rows.append(f"| {kind} | `{spec.name}` | {spec.dtype} | {shape} |")
     structure = {"tensor": "one array", "tuple": "a tuple", "dict": "a dict keyed by output name"}
-    return "\n".join(rows) + f"\n\npredict() returns {structure[manifest.output_structure]}."
+    text = "\n".join(rows) + f"\n\npredict() returns {structure[manifest.output_structure]}."
+    processing = manifest.processing
+    if processing is None:
+        return text
+    takes = {"tensor": "the inputs above", "text": "a string or a list of strings", "json": "a JSON value"}
+    gives = {"tensor": structure[manifest.output_structure], "label": "each sample's `label` and its `scores`",
+             "json": "what its postprocess returns"}  # fmt: skip
+    labels = f" The labels: {', '.join(f'`{label}`' for label in processing.labels)}." if processing.labels else ""
+    return (
+        "\n".join(rows) + f"\n\npredict() takes {takes[processing.input]} and returns {gives[processing.output]}; "
+        f"predict_tensors() runs the model alone, on the inputs above, and returns {structure[manifest.output_structure]}.{labels}"
+    )
 
 
 def human_size(size: float) -> str:

@@ -81,14 +81,17 @@ def _meta_build(package: Path, source: ModelSource) -> MetaBuild | None:
 
 
 @contextmanager
-def imported(package: Path, parts: Sequence[Path] = ()) -> Iterator[Any]:
+def imported(package: Path, parts: Sequence[Path] = (), as_installed: bool = False) -> Iterator[Any]:
     """The rendered package, imported under a private name as its users will import it; the packages of
-    its weight parts (in `parts`, their projects' directories) importable meanwhile, as installed ones are."""
+    its weight parts (in `parts`, their projects' directories) importable meanwhile, as installed ones are.
+    `as_installed`: under its own name too, for a preprocess or postprocess that imports it (asset_path)."""
     name = f"_nnwheel_trial_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(name, package / "__init__.py", submodule_search_locations=[str(package)])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    aliases = (package.name,) if as_installed and package.name not in sys.modules else ()
+    sys.modules.update(dict.fromkeys(aliases, module))
     write_bytecode = sys.dont_write_bytecode
     sys.dont_write_bytecode = True  # no __pycache__ may end up in the package
     sys.path[:0] = [str(root) for root in parts]
@@ -98,20 +101,21 @@ def imported(package: Path, parts: Sequence[Path] = ()) -> Iterator[Any]:
     finally:
         sys.dont_write_bytecode = write_bytecode
         del sys.path[: len(parts)]
-        names = (name, *(path.name for root in parts for path in root.iterdir() if path.is_dir()))
+        names = (name, *aliases, *(path.name for root in parts for path in root.iterdir() if path.is_dir()))
         for key in [k for k in sys.modules if k.split(".")[0] in names]:
             del sys.modules[key]
 
 
-def real_run(package: Path, example: list, parts: Sequence[Path] = ()) -> Any:
-    """predict() of the rendered package, as users will call it."""
+def real_run(package: Path, example: list, parts: Sequence[Path] = (), origin: str = "the example") -> Any:
+    """predict_tensors() of the rendered package (predict() itself, unless it has a preprocess, labels or a
+    postprocess), as users will call it; `origin` says where the example came from, for messages."""
     with imported(package, parts) as module:
         try:  # the package's own input checks first, so that only their complaints are called a misfit
             module._schema.prepare(tuple(example), module._MANIFEST["inputs"], module._BATCHED)
         except ValueError as error:
-            raise SchemaError(f"the example does not fit the declared inputs: {error}") from None
+            raise SchemaError(f"{origin} does not fit the model's inputs: {error}") from None
         try:
-            return module.predict(*example)
+            return module.predict_tensors(*example)
         except Exception as error:
             raise SchemaError(
                 f"the model failed on the example input ({type(error).__name__}: {error}); "

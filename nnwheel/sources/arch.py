@@ -61,7 +61,7 @@ def imported_modules(source: Path) -> set[str]:
     names: set[str] = set()
     for file in files:
         try:
-            tree = ast.parse(_python_source(file), filename=str(file))
+            tree = ast.parse(python_source(file), filename=str(file))
         except SyntaxError as error:
             raise ArchitectureError(
                 f"{file} is not valid Python (line {error.lineno}: {error.msg}); fix it, then wrap again"
@@ -74,7 +74,7 @@ def imported_modules(source: Path) -> set[str]:
     return names
 
 
-def _python_source(file: Path) -> str:
+def python_source(file: Path) -> str:
     """The file's text, decoded as Python decodes it on import: UTF-8, or what its coding line declares."""
     try:
         return importlib.util.decode_source(file.read_bytes())
@@ -87,15 +87,7 @@ def _python_source(file: Path) -> str:
 
 def check_local_imports(spec: ArchSpec) -> None:
     """Refuse an architecture that imports a module beside it that --include did not add to the package."""
-    included = {path.stem if path.is_file() else path.name for path in spec.includes}
-    missing: set[Path] = set()
-    for source in [spec.file, *spec.includes]:
-        for name in imported_modules(source) - included - {spec.module}:
-            module, package = source.parent / f"{name}.py", source.parent / name
-            if module.is_file():
-                missing.add(module)
-            elif (package / "__init__.py").is_file():
-                missing.add(package)
+    missing = missing_local_imports([spec.file, *spec.includes], {spec.module, *_names(spec.includes)})
     if missing:
         listed = ", ".join(sorted(path.name for path in missing))
         flags = " ".join(f"--include {path}" for path in sorted(missing))
@@ -104,12 +96,36 @@ def check_local_imports(spec: ArchSpec) -> None:
         )
 
 
+def missing_local_imports(sources: Sequence[Path], local: set[str]) -> set[Path]:
+    """The modules and packages beside `sources` that they import but that are not among the `local` names
+    the package will hold."""
+    missing: set[Path] = set()
+    for source in sources:
+        for name in imported_modules(source) - local:
+            module, package = source.parent / f"{name}.py", source.parent / name
+            if module.is_file():
+                missing.add(module)
+            elif (package / "__init__.py").is_file():
+                missing.add(package)
+    return missing
+
+
+def _names(includes: Sequence[Path]) -> set[str]:
+    """The module names --include files and packages are imported by."""
+    return {path.stem if path.is_file() else path.name for path in includes}
+
+
 def third_party_requirements(spec: ArchSpec) -> list[str]:
     """Installed distributions the architecture imports, with a lower bound at their major.minor version."""
-    local = {spec.module} | {p.stem if p.is_file() else p.name for p in spec.includes}
+    return requirements_of([spec.file, *spec.includes], {spec.module, *_names(spec.includes)})
+
+
+def requirements_of(sources: Sequence[Path], local: set[str]) -> list[str]:
+    """Installed distributions the sources import (but the `local` modules), with a lower bound at their
+    major.minor version."""
     names = {
         name
-        for source in [spec.file, *spec.includes]
+        for source in sources
         for name in imported_modules(source)
         if name not in local and name not in sys.stdlib_module_names and name not in _ALWAYS_REQUIRED
     }
@@ -128,7 +144,12 @@ def source_files(spec: ArchSpec) -> Iterator[tuple[str, bytes | Path]]:
     """The architecture file and its --include files, as the package's _arch/ holds them: (name, content)."""
     yield "__init__.py", _ARCH_INIT
     yield spec.file.name, spec.file
-    for include in spec.includes:
+    yield from include_files(spec.includes)
+
+
+def include_files(includes: Sequence[Path]) -> Iterator[tuple[str, Path]]:
+    """--include's files and packages, as they go beside the sources that import them: (name, file)."""
+    for include in includes:
         if include.is_file():
             yield include.name, include
             continue

@@ -9,6 +9,7 @@ from ..errors import UsageError
 from ..schema import OutputSchema, TensorSpec, specs_from_example
 from .arch import ArchSpec
 from .checkpoint import Checkpoint
+from .processing import ProcessingSpec
 from .tensors import TensorListing
 
 # Weights above this size are never all read at wrap time where something else can tell what the real run
@@ -67,6 +68,7 @@ class ModelSource:
     input_guess: InputGuess | None = None  # where `inputs` were read from the model, not given
     model_card: str | None = None  # the model's own card (a Hugging Face directory's README.md), unless --readme
     license: str | None = None  # SPDX, canonical: what the model's own card says, unless --license
+    processing: ProcessingSpec | None = None  # what predict() does around the model (wrap.py adds it)
 
     @property
     def weights_size(self) -> int:

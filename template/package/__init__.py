@@ -1,4 +1,5 @@
-"""A trained model packaged by nnwheel: `predict()`, `load()`, `info()` and `verify()`.
+"""A trained model packaged by nnwheel: `predict()`, `predict_tensors()`, `load()`, `info()`, `verify()` and
+`asset_path()`.
 
 Importing this package is cheap: the framework (torch, ...) is imported and the weights are loaded on the
 first call to predict() or load(), once per device, even when many threads call at the same time.
@@ -13,6 +14,7 @@ import json
 import os
 import threading
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from . import _schema
@@ -23,6 +25,9 @@ DEVICE_VARIABLE = f"{__name__.upper()}_DEVICE"
 
 __version__ = _MANIFEST["version"]
 _BATCHED = _schema.is_batched(_MANIFEST["inputs"])
+# What predict() does around the model where wrap was given --preprocess, --labels or --postprocess (_processing.py).
+_PROCESSING = _MANIFEST.get("processing")
+_ASSETS = Path(__file__).parent / "assets"  # the files given to wrap with --asset
 
 _models: dict[str | None, Any] = {}
 _runtime: Any = None  # the runtime module (torch, onnxruntime, ...), imported by the first load()
@@ -50,12 +55,13 @@ def load(device: str | None = None) -> Any:
     return model
 
 
-def predict(*inputs: Any, device: str | None = None) -> Any:
+def predict_tensors(*inputs: Any, device: str | None = None) -> Any:
     """Run the model on `inputs` (numpy arrays, nested lists, scalars, or torch tensors).
 
     Returns numpy arrays (torch tensors for tensor inputs), in the model's structure: one output, a tuple
     or a dict. A single sample without the batch dimension is accepted when the model is batched; the
     outputs then come without it too. Raises ValueError when an input's rank, shape or dtype does not fit.
+    This is predict() itself, unless the package was wrapped with --preprocess, --labels or --postprocess.
     """
     model = _models.get(device)
     if model is None:
@@ -65,6 +71,29 @@ def predict(*inputs: Any, device: str | None = None) -> Any:
         prepared = _schema.prepare(values, _MANIFEST["inputs"], _BATCHED)
         return _schema.finish(_runtime.run(model, prepared.values), _schema.converter(prepared, _runtime.to_numpy))
     return _schema.finish(_runtime.run(model, values), _runtime.to_numpy)
+
+
+def _predict_raw(*raw: Any, device: str | None = None) -> Any:
+    """Run the model on a raw input: postprocess(labelled(predict_tensors(*preprocess(raw)))), each step
+    where wrap was given it (see info()["processing"]). Raises ValueError or TypeError for an input the
+    preprocess or the model cannot take."""
+    from . import _processing
+
+    return _processing.run(_PROCESSING, predict_tensors, raw, device)
+
+
+# What users call. Without processing it is predict_tensors itself: not even a call more on the fast path.
+predict = predict_tensors if _PROCESSING is None else _predict_raw
+
+
+def asset_path(name: str = "") -> Path:
+    """Where a file given to nnwheel wrap --asset is installed: asset_path("vocab.txt"), or asset_path() for the
+    folder of them all. A preprocess or postprocess reads its files from here, never from the current directory."""
+    path = _ASSETS / name if name else _ASSETS
+    if not path.exists():
+        shipped = sorted(p.name for p in _ASSETS.iterdir()) if _ASSETS.is_dir() else []
+        raise FileNotFoundError(f"{__name__} has no asset {name!r}; it has {', '.join(shipped) or 'none'}")
+    return path
 
 
 def verify() -> None:

@@ -26,15 +26,17 @@ def _read_input(name: str) -> Any:
         with open(name, encoding="utf-8") as file:
             return json.load(file)
     except ValueError as error:  # not JSON (or not UTF-8), or a .npy of pickled objects: say which input
-        raise ValueError(f"--input {name} cannot be read ({error}); give JSON nested lists or a .npy array") from None
+        raise ValueError(f"--input {name} cannot be read ({error}); give a JSON file or a .npy array") from None
 
 
 def _to_json(outputs: Any) -> Any:
+    """predict()'s outputs as JSON values: arrays (and numpy scalars) as nested lists and numbers, in dicts and
+    lists as a postprocess may return them."""
     if isinstance(outputs, dict):
         return {key: _to_json(value) for key, value in outputs.items()}
-    if isinstance(outputs, tuple):
+    if isinstance(outputs, (tuple, list)):
         return [_to_json(value) for value in outputs]
-    return outputs.tolist()
+    return outputs.tolist() if hasattr(outputs, "tolist") else outputs
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -56,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("predict", help="run the model on inputs from files and print the outputs as JSON")
     run.add_argument(
         "--input", action="append", required=True, metavar="FILE",
-        help="a .json nested list or a .npy array, '-' for JSON on stdin; repeat once per model input",
+        help="a .json value (nested lists, a list of texts, or the raw input the package's preprocess takes) or a "
+        ".npy array, '-' for JSON on stdin; repeat once per model input",
     )
     run.add_argument("--output", metavar="FILE", help="write the JSON here instead of stdout")
     run.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")

@@ -114,6 +114,12 @@ def _to_array(value: Any, spec: dict[str, Any]) -> Any:
     try:
         return np.asarray(value, dtype=spec["dtype"])  # lists and scalars take the schema's dtype
     except (ValueError, TypeError) as error:
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+            wanted = "(" + ", ".join("any" if d == -1 else str(d) for d in spec["shape"]) + ")"
+            raise ValueError(
+                f"input {spec['name']!r} takes {spec['dtype']} numbers of shape {wanted}, not text; this model "
+                "takes arrays or nested lists of numbers"
+            ) from None
         raise ValueError(
             f"input {spec['name']!r} cannot become a {spec['dtype']} array ({error}); "
             "nested lists must be rectangular and hold numbers"
