@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BatchInputError, EngineError, MissingDependencyError, first_line
-from .environment import packed_environment
+from .environment import packed, worker_environment
 from .job import Plan
 from .local import Scored
 from .output import rows_written, staged
@@ -26,9 +26,9 @@ def run_spark(plan: Plan) -> Scored:
             raise
         raise MissingDependencyError("--engine spark needs pyspark: pip install 'nnwheel[spark]'") from None
     job = plan.job
-    archive = packed_environment(plan.model, job.index)
+    environment = worker_environment(plan.model, job.index)
     with staged(job.output, job.overwrite) as temporary:
-        spark = _session(SparkSession, job.master, archive, plan.batch_size)
+        spark = _session(SparkSession, job.master, environment, plan.batch_size)
         try:
             frame = _read(spark, plan).select(*(f"`{name}`" for name in plan.needed))
             score = functools.partial(plan.model.batch.map_arrow, columns=plan.columns, keep=plan.keep)
@@ -48,25 +48,19 @@ def _require_java() -> None:
                           "install a JDK (e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME")
 
 
-def _session(builder_class: Any, master: str, archive: Path, batch_size: int) -> Any:
-    local = master.startswith("local")
-    if not local:  # Spark's documented way: executors run the python of the archive unpacked in their directory
-        os.environ["PYSPARK_PYTHON"] = f"./{_ENVIRONMENT}/bin/python"
-    spark = (
+def _session(builder_class: Any, master: str, environment: Path, batch_size: int) -> Any:
+    builder = (
         builder_class.builder.master(master)
         .appName("nnwheel batch")
-        .config("spark.archives", f"{archive}#{_ENVIRONMENT}")
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
         .config("spark.ui.enabled", "false")
-        .getOrCreate()
     )
-    if local:
-        # A local master's Python workers start in the driver's directory, not beside the unpacked archive;
-        # the UDFs made from here on take the SparkContext's interpreter.
-        from pyspark import SparkFiles
-
-        spark.sparkContext.pythonExec = str(Path(SparkFiles.getRootDirectory()) / _ENVIRONMENT / "bin" / "python")
-    return spark
+    if master.startswith("local"):  # the executor is this process: its Python workers run the venv where it is
+        os.environ["PYSPARK_PYTHON"] = str(environment / "bin" / "python")
+        return builder.getOrCreate()
+    # Spark's documented way: each executor unpacks the archive in its directory and runs its python.
+    os.environ["PYSPARK_PYTHON"] = f"./{_ENVIRONMENT}/bin/python"
+    return builder.config("spark.archives", f"{packed(environment)}#{_ENVIRONMENT}").getOrCreate()
 
 
 def _read(spark: Any, plan: Plan) -> Any:

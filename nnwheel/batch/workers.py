@@ -51,9 +51,9 @@ def driver_constraints(names: Sequence[str]) -> list[str]:
     return sorted(pinned.values())
 
 
-def pip(python: Path, *args: str, what: str) -> None:
-    """Run the workers' pip; its error, in one line, is a WorkerInstallError."""
-    result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], capture_output=True, text=True)
+def pip(python: Path, command: str, *args: str, what: str) -> None:
+    """Run pip for the workers; its error, in one line, is a WorkerInstallError."""
+    result = subprocess.run([str(python), "-m", "pip", command, "--quiet", *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise WorkerInstallError(f"the workers' pip could not install {what}: {pip_error(result.stderr)}")
 
