@@ -22,7 +22,7 @@ from batch_fixtures import (
     write_digits,
     write_scorer,
 )
-from conftest import free_port, the_error
+from conftest import free_port, make_venv, the_error
 
 pytestmark = pytest.mark.e2e
 SCORER_COLUMNS = ("--columns", "input_0=x", "--columns", "input_1=ids")
@@ -36,10 +36,14 @@ def spark_cache(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray head node with 2 CPUs on this machine, started from the test environment, which has no model."""
+    """A Ray head node with 2 CPUs on this machine, in an environment without the models that sees the test
+    environment's packages: Ray copies a virtualenv's own files into every job's pip environment, and this
+    one's are a .pth file, where the test environment's are gigabytes."""
     port = free_port()
-    log = tmp_path_factory.mktemp("ray") / "head.log"
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+    directory = tmp_path_factory.mktemp("ray")
+    log = directory / "head.log"
+    node = make_venv(directory / "node-env")
+    command = [str(node.python), "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(port),
                "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"]
     with log.open("wb") as output:
         head = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
@@ -48,9 +52,13 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         _wait_for_ray(address, head, log)
         yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the node's processes as it ends
-        head.wait(60)
+    finally:  # the head and every process of the node are in the session it leads: ours to end
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
 
 
 def _wait_for_ray(address: str, head: subprocess.Popen, log: Path) -> None:
