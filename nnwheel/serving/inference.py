@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from packaging.utils import canonicalize_name
@@ -35,11 +36,14 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 @dataclass(frozen=True)
 class Inference:
     id: str | None  # echoed in the reply
-    inputs: list[np.ndarray]  # in the model's order
+    inputs: list[Any]  # in the model's order: arrays, or text and JSON values (raw.py)
     outputs: dict[str, bool]  # the outputs to answer, in the model's order, each with whether it goes as binary data
 
 
 def v2_datatype(dtype: str) -> str:
+    """The V2 datatype of a dtype's name: numpy's, or the schema's "str" and "json", which travel as BYTES."""
+    if dtype in ("str", "json") or dtype.startswith(("str", "bytes", "object")):  # numpy names str arrays str32, ...
+        return "BYTES"
     return _V2_NAMES.get(dtype, dtype.upper())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -24,11 +25,12 @@ class ServedModel:
         self.name = manifest.name
         self.version = manifest.version
         self.runtime = manifest.runtime
-        self.inputs = list(manifest.inputs)
-        self.outputs = list(manifest.outputs)
-        self.structure = manifest.output_structure
-        # Rows can only be merged and split again when every input and output has the batch first.
-        self.batched = all(spec.shape[:1] == (-1,) for spec in self.inputs + self.outputs)
+        # What predict() takes and gives: the model's tensors, or text, labels and JSON values (see raw.py).
+        self.inputs = list(manifest.predict_inputs)
+        outputs, self.structure = manifest.predict_outputs
+        self.outputs = list(outputs)
+        # Rows can only be merged and split again when every input and output is a tensor with the batch first.
+        self.batched = all(spec.shape[:1] == (-1,) and spec.kind == "tensor" for spec in self.inputs + self.outputs)
 
     @classmethod
     def load(cls, name: str) -> ServedModel:
@@ -47,9 +49,12 @@ class ServedModel:
             ) from error
         return cls(package, manifest)
 
-    def call(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """predict(), with the outputs as a list in the manifest's order whatever the model's structure."""
+    def call(self, inputs: list[Any]) -> list[Any]:
+        """predict(), with the outputs as a list in the manifest's order whatever the model's structure; what a
+        postprocess returned, as it is."""
         result = self.package.predict(*inputs)
+        if self.structure == "json":
+            return [result]
         if self.structure == "dict":
             return [np.asarray(result[spec.name]) for spec in self.outputs]
         if self.structure == "tuple":

@@ -112,7 +112,9 @@ def _object(properties: dict[str, Any], required: Sequence[str] | None = None) -
 
 
 def _value(dtype: str) -> dict[str, Any]:
-    """One number of an input: within its dtype's range."""
+    """One number of an input: within its dtype's range; a string for text, anything for a JSON value."""
+    if dtype in ("str", "json"):
+        return {"type": "string"} if dtype == "str" else {}
     if dtype == "bool":
         return {"type": "boolean"}
     if dtype in _INT_BITS:
@@ -142,13 +144,15 @@ def _tensor(spec: TensorSpec, value: dict[str, Any], batched: bool, least: int) 
     """A tensor as nested lists; for a batched model also one sample without the batch dimension. Nested lists
     say no size of an empty dimension, so a request needs at least one row (V2's "shape" can say 0)."""
     whole = _nested(spec.shape, value, least)
-    return {"anyOf": [whole, _nested(spec.shape[1:], value, least)]} if batched else whole
+    if batched or spec.kind in ("text", "label"):  # one text is a string, one label too
+        return {"anyOf": [whole, _nested(spec.shape[1:], value, least)]}
+    return whole
 
 
 def _predict_body(model: ServedModel) -> tuple[dict[str, Any], Any]:
     tensors = [_tensor(spec, _value(spec.dtype), model.batched, least=1) for spec in model.inputs]
     data = tensors[0] if len(tensors) == 1 else _fixed_list(tensors)
-    examples = [np.zeros(_example_shape(spec), spec.dtype).tolist() for spec in model.inputs]
+    examples = [_example(spec, _example_shape(spec)) for spec in model.inputs]
     return _object({"data": data}), {"data": examples[0] if len(examples) == 1 else examples}
 
 
@@ -165,6 +169,13 @@ def _predictions(model: ServedModel) -> dict[str, Any]:
 
 def _fixed_list(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "array", "prefixItems": items, "minItems": len(items), "maxItems": len(items)}
+
+
+def _example(spec: TensorSpec, shape: tuple[int, ...]) -> Any:
+    """Zeros of the input's shape; a text for text, and for a JSON value, whatever its preprocess takes: null."""
+    if spec.kind in ("text", "json"):
+        return np.full(shape, "a text" if spec.kind == "text" else None, dtype=object).tolist()
+    return np.zeros(shape, spec.dtype).tolist()
 
 
 def _example_shape(spec: TensorSpec) -> tuple[int, ...]:
@@ -188,7 +199,7 @@ def _infer_body(model: ServedModel) -> tuple[dict[str, Any], Any]:
     inputs = {"type": "array", "items": {"anyOf": tensors}, "minItems": len(tensors), "maxItems": len(tensors)}
     example = [
         {"name": spec.name, "shape": list(_example_shape(spec)), "datatype": v2_datatype(spec.dtype),
-         "data": np.zeros(math.prod(_example_shape(spec)), spec.dtype).tolist()}
+         "data": _example(spec, (math.prod(_example_shape(spec)),))}
         for spec in model.inputs
     ]  # fmt: skip
     request_id = {"type": ["string", "null"], "description": "carried back in the reply; null is the same as none"}
@@ -201,7 +212,7 @@ def _infer_reply(model: ServedModel) -> dict[str, Any]:
             "name": {"enum": [spec.name for spec in model.outputs]},
             "datatype": {"type": "string"},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "data": {"type": "array", "items": {"type": ["number", "integer", "boolean", "null"]}},
+            "data": {"type": "array", "items": {"type": ["number", "integer", "boolean", "null", "string"]}},
         }
     )
     properties = {

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .bodies import CompactJSONResponse, RequestFailed, array_from_json, json_from_array, parse_json
+from ..schema import TensorSpec
+from .bodies import (
+    CompactJSONResponse,
+    RequestFailed,
+    array_from_json,
+    json_from_array,
+    parse_json,
+)
 from .model import ServedModel
+from .raw import RAW_KINDS, json_value, raw_from_json, refuse_text
 from .running import Runner
 
 _EXAMPLE = 'send e.g. {"data": [[0.5, 1.0]]}'
@@ -27,7 +34,7 @@ def predict_route(runner: Runner) -> Route:
     return Route("/predict", predict, methods=["POST"])
 
 
-def _inputs(model: ServedModel, body: Any) -> list[np.ndarray]:
+def _inputs(model: ServedModel, body: Any) -> list[Any]:
     if not isinstance(body, dict) or "data" not in body:
         raise RequestFailed(400, 'send a JSON object {"data": ...} with the model\'s input as nested lists')
     values = [body["data"]] if len(model.inputs) == 1 else body["data"]
@@ -35,11 +42,24 @@ def _inputs(model: ServedModel, body: Any) -> list[np.ndarray]:
         names = ", ".join(spec.name for spec in model.inputs)
         raise RequestFailed(400, f'this model takes {len(model.inputs)} inputs ({names}): send "data" as a list of them')
     places = ["data"] if len(model.inputs) == 1 else [f"data[{i}]" for i in range(len(values))]
-    return [array_from_json(value, spec, place) for value, spec, place in zip(values, model.inputs, places)]
+    return [_input(value, spec, place) for value, spec, place in zip(values, model.inputs, places)]
 
 
-def _structured(model: ServedModel, outputs: list[np.ndarray]) -> Any:
-    """The outputs as JSON values in the model's own structure: one value, a list, or an object."""
+def _input(value: Any, spec: TensorSpec, place: str) -> Any:
+    if spec.kind in RAW_KINDS:
+        return raw_from_json(value, spec, place)
+    try:
+        return array_from_json(value, spec, place)
+    except RequestFailed:
+        refuse_text(value, spec, place)  # text sent to a model of numbers: say what it takes
+        raise
+
+
+def _structured(model: ServedModel, outputs: list[Any]) -> Any:
+    """The outputs as JSON values in the model's own structure: one value, a list, or an object; what a
+    postprocess returned, as JSON."""
+    if model.structure == "json":
+        return json_value(outputs[0])
     if model.structure == "dict":
         return {spec.name: json_from_array(output) for spec, output in zip(model.outputs, outputs)}
     if model.structure == "tuple":

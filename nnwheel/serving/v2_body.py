@@ -17,9 +17,23 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from ..schema import TensorSpec
-from .bodies import CompactJSONResponse, RequestFailed, array_from_json, json_from_array, parse_json
-from .inference import Inference, array_from_buffer, checked_shape, model_order, v2_datatype, wire_bytes
+from .bodies import (
+    CompactJSONResponse,
+    RequestFailed,
+    array_from_json,
+    json_from_array,
+    parse_json,
+)
+from .inference import (
+    Inference,
+    array_from_buffer,
+    checked_shape,
+    model_order,
+    v2_datatype,
+    wire_bytes,
+)
 from .model import ServedModel
+from .raw import RAW_KINDS, joined_bytes, raw_from_v2_tensor, v2_output
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _EXAMPLE = (
@@ -54,24 +68,29 @@ def decode_inference(model: ServedModel, body: bytearray, json_length: int | Non
     return Inference(request_id, [arrays[i] for i in order], _outputs(model, header))
 
 
-def _arrays(model: ServedModel, tensors: list[dict[str, Any]], binary: memoryview) -> list[np.ndarray]:
+def _arrays(model: ServedModel, tensors: list[dict[str, Any]], binary: memoryview) -> list[Any]:
     """Each tensor's array, in the request's order, which is also the order of their binary data."""
     specs = {spec.name: spec for spec in model.inputs}
     arrays, offset = [], 0
     for i, tensor in enumerate(tensors):
         spec = specs[tensor["name"]]
-        shape = checked_shape(spec, tensor.get("datatype"), tensor.get("shape"))
+        raw = spec.kind in RAW_KINDS  # text or a JSON value, as predict() takes them (raw.py)
+        shape = None if raw else checked_shape(spec, tensor.get("datatype"), tensor.get("shape"))
         size = _binary_size(tensor, spec)
-        if size is None:
+        data = None
+        if size is not None:
+            if offset + size > len(binary):
+                raise RequestFailed(
+                    400, f"input {spec.name!r} has binary_data_size {size}, but only {len(binary) - offset} bytes of "
+                    "binary data are left in the body"
+                )
+            data, offset = binary[offset : offset + size], offset + size
+        if raw:
+            arrays.append(raw_from_v2_tensor(tensor, spec, data, f"inputs[{i}]"))
+        elif data is None:
             arrays.append(_json_array(tensor, spec, shape, f"inputs[{i}].data"))
-            continue
-        if offset + size > len(binary):
-            raise RequestFailed(
-                400, f"input {spec.name!r} has binary_data_size {size}, but only {len(binary) - offset} bytes of binary data "
-                "are left in the body"
-            )
-        arrays.append(array_from_buffer(spec, shape, binary[offset : offset + size], "binary data"))
-        offset += size
+        else:
+            arrays.append(array_from_buffer(spec, shape, data, "binary data"))
     if offset != len(binary):
         raise RequestFailed(
             400, f"the body has {len(binary)} bytes after the JSON, but the inputs' binary_data_size add up to {offset}"
@@ -135,18 +154,24 @@ def _flag(parameters: dict[str, Any], name: str, what: str, default: bool = Fals
     return value
 
 
-def inference_reply(model: ServedModel, inference: Inference, outputs: list[np.ndarray]) -> Response:
+def inference_reply(model: ServedModel, inference: Inference, outputs: list[Any]) -> Response:
     """The reply: JSON, with the binary data of the outputs that go as binary after it."""
     described, binary = [], []
     for spec, output in zip(model.outputs, outputs):
         if spec.name not in inference.outputs:
             continue
-        tensor = {"name": spec.name, "datatype": v2_datatype(output.dtype.name), "shape": list(output.shape)}
-        if inference.outputs[spec.name]:
-            binary.append(wire_bytes(output))
-            tensor["parameters"] = {"binary_data_size": binary[-1].nbytes}
+        if spec.dtype in ("str", "json"):  # labels, and what a postprocess returned: BYTES
+            datatype, shape, strings = v2_output(spec, output)
+            tensor: dict[str, Any] = {"name": spec.name, "datatype": datatype, "shape": shape}
+            data: Any = np.frombuffer(joined_bytes(strings), np.uint8) if inference.outputs[spec.name] else strings
         else:
-            tensor["data"] = json_from_array(output.ravel())
+            tensor = {"name": spec.name, "datatype": v2_datatype(output.dtype.name), "shape": list(output.shape)}
+            data = wire_bytes(output) if inference.outputs[spec.name] else json_from_array(output.ravel())
+        if inference.outputs[spec.name]:
+            binary.append(data)
+            tensor["parameters"] = {"binary_data_size": data.nbytes}
+        else:
+            tensor["data"] = data
         described.append(tensor)
     reply: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if inference.id is not None:
