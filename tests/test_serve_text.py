@@ -131,7 +131,7 @@ def test_tritonclient_sends_bytes_as_binary_data_and_over_grpc(env, words, grpc_
 
 
 @pytest.mark.parametrize("server, path, body, says", [
-    ("labelled", "/predict", {"data": ["a text", "another"]}, "input 'input' takes float32 numbers of shape (any, 64), not text"),
+    ("labelled", "/predict", {"data": ["a text", "another"]}, "input 'input' has a string at data[0]: it takes float32 numbers of shape (any, 64), not text"),
     ("labelled", "/predict", {"data": "a text"}, "takes float32 numbers of shape (any, 64), not text"),
     ("words", "/predict", {"data": [[1.0, 2.0]]}, "input 'text' takes text: send a string or a list of strings at data"),
     ("words", "/predict", {"data": 3}, "takes text"),
