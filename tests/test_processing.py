@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +124,35 @@ def test_the_wheel_holds_the_functions_and_assets_and_the_card_says_what_predict
 def test_a_tensor_model_refuses_text_with_what_it_takes(installed):
     result = installed.run("import digits_labelled as m; m.predict(['a text'])", check=False)
     assert "ValueError: input 'input' takes float32 numbers of shape (any, 64), not text" in result.stderr
+
+
+def test_labels_for_an_onnx_model_and_functions_around_a_hugging_face_classifier(tmp_path, digits_sample):
+    """Every format takes them: an ONNX file's logits labelled, a text classifier's results postprocessed."""
+    import torch
+    import transformers
+    from test_formats_huggingface import LABELS, config, saved
+
+    from nnwheel.package.trial import imported
+
+    torch.onnx.export(digits_model(), (torch.zeros(1, 64),), tmp_path / "digits.onnx", input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)  # fmt: skip
+    (tmp_path / "digits.txt").write_text("".join(f"{d}\n" for d in range(10)))
+    nnwheel("wrap", tmp_path / "digits.onnx", "--name", "onnx-labelled", "--labels", tmp_path / "digits.txt",
+            "--out", tmp_path / "dist", "--source-dir", tmp_path / "onnx")  # fmt: skip
+    with imported(tmp_path / "onnx" / "onnx_labelled") as package:
+        labels = package.predict(np.asarray(digits_sample, np.float32))["label"].tolist()
+    assert labels == [str(d) for d in digits_reference_scores(digits_sample).argmax(1)]
+
+    model = transformers.BertForSequenceClassification(config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
+    directory = saved(model, tmp_path / "hf")
+    (tmp_path / "steps.py").write_text(
+        "def lower(raw):\n    return [text.lower() for text in raw]\n\n\n"
+        "def top(outputs):\n    return [str(label) for label in outputs['label']]\n"
+    )
+    (tmp_path / "texts.json").write_text(json.dumps(["A GOOD film", "bad"]))
+    nnwheel("wrap", directory, "--name", "hf-steps", "--preprocess", f"{tmp_path / 'steps.py'}:lower",
+            "--postprocess", f"{tmp_path / 'steps.py'}:top", "--example", tmp_path / "texts.json",
+            "--out", tmp_path / "dist", "--source-dir", tmp_path / "hf-project")  # fmt: skip
+    with imported(tmp_path / "hf-project" / "hf_steps") as package:
+        assert package.predict(["GREAT film", "dull"]) == list(package.predict_tensors(["great film", "dull"])["label"])
+        assert package.info()["processing"]["input"] == "text"

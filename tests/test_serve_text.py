@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from conftest import free_port, make_venv, serving
+from conftest import free_port, make_venv, nnwheel, serving
 from processing_fixtures import TEXTS, digits_labelled_wheel, digits_pixels_wheel, words_model_wheel
 from tritonclient.utils import InferenceServerException
 
@@ -23,10 +23,27 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, digits_sample):
     work = tmp_path_factory.mktemp("serve-text")
-    wheels = [words_model_wheel(work)[0], digits_pixels_wheel(work, digits_sample[0]), digits_labelled_wheel(work)]
+    wheels = [words_model_wheel(work)[0], digits_pixels_wheel(work, digits_sample[0]), digits_labelled_wheel(work),
+              _sentiment_wheel(work)]  # fmt: skip
     env = make_venv(work / "env")
     env.pip("install", "--no-deps", *map(str, wheels))
     return env
+
+
+def _sentiment_wheel(work):
+    """A Hugging Face classifier, wrapped as it is: its predict() takes text with no --preprocess."""
+    import transformers
+    from test_formats_huggingface import LABELS, config, saved
+
+    model = transformers.BertForSequenceClassification(config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
+    directory = saved(model, work / "sentiment")
+    return nnwheel("wrap", directory, "--name", "my-sentiment", "--out", work / "dist").stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def sentiment(env, tmp_path_factory):
+    with serving([env.python, "-m", "nnwheel", "serve", "my-sentiment"], tmp_path_factory.mktemp("log")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +174,15 @@ def test_the_openapi_document_describes_text_and_json_inputs(words, pixels):
     assert body["example"] == {"data": ["a text"]}
     assert {"type": "string"} in body["schema"]["properties"]["data"]["anyOf"]
     assert httpx.get(f"{pixels.url}/openapi.json").status_code == 200
+
+
+def test_a_hugging_face_text_model_is_served_on_texts(env, sentiment):
+    texts = ["great film", "dull plot", ""]
+    reply = httpx.post(f"{sentiment.url}/predict", json={"data": texts})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["predictions"] == in_process(env, "my_sentiment", texts)
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": texts[:2]}]}
+    outputs = httpx.post(f"{sentiment.url}/v2/models/my-sentiment/infer", json=body).json()["outputs"]
+    assert [o["datatype"] for o in outputs] == ["BYTES", "FP32"] and outputs[0]["data"] == reply.json()["predictions"]["label"][:2]
+    refused = httpx.post(f"{sentiment.url}/predict", json={"data": [[0.5, 1.0]]})
+    assert refused.status_code == 400 and "input 'text' takes text" in refused.json()["error"]

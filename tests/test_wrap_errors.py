@@ -347,3 +347,22 @@ def test_a_json_example_without_a_preprocess(tmp_path, capsys):
     (tmp_path / "raw.json").write_text("[[1.0]]")
     line = wrap_fails(capsys, tmp_path / "dist", *_digits("--example", tmp_path / "raw.json"))
     assert "a .json example is the raw input a --preprocess takes" in line
+
+
+def test_processing_options_that_do_not_go_together(tmp_path, capsys):
+    (tmp_path / "digits.txt").write_text("".join(f"{d}\n" for d in range(10)))
+    line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--labels", tmp_path / "digits.txt", "--to", "onnx"))
+    assert "--to onnx converts the model alone" in line
+    line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--include", tmp_path / "digits.txt")
+    assert "--include adds modules that --arch FILE.py:CLASS, --preprocess or --postprocess import" in line
+
+
+def test_labels_for_a_hugging_face_model_that_has_its_own(tmp_path, capsys):
+    import transformers
+    from test_formats_huggingface import LABELS, config, saved
+
+    directory = saved(transformers.BertForSequenceClassification(config(id2label=LABELS)), tmp_path / "hf")
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    capsys.readouterr()  # save_pretrained's progress bar
+    line = wrap_fails(capsys, tmp_path / "dist", directory, "--name", "m", "--labels", tmp_path / "labels.txt")
+    assert "has its own labels (id2label); drop --labels" in line
