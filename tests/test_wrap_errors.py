@@ -365,4 +365,4 @@ def test_labels_for_a_hugging_face_model_that_has_its_own(tmp_path, capsys):
     (tmp_path / "labels.txt").write_text("a\nb\nc\n")
     capsys.readouterr()  # save_pretrained's progress bar
     line = wrap_fails(capsys, tmp_path / "dist", directory, "--name", "m", "--labels", tmp_path / "labels.txt")
-    assert "has its own labels (id2label); drop --labels" in line
+    assert "is a Hugging Face model with its own labels (id2label); drop --labels" in line
