@@ -214,6 +214,12 @@ def _run_inspect(args: argparse.Namespace) -> None:
             shape = ", ".join("any" if d == -1 else str(d) for d in spec.shape)
             print(f"  {kind + ':':<13} {spec.name} {spec.dtype} ({shape})")
     print(f"  returns:      {manifest.output_structure}")
+    if manifest.processing is not None:  # --preprocess, --labels, --postprocess: predict() is not the model alone
+        processing = manifest.processing
+        steps = [f"{step.module}.{step.name}" for step in (processing.preprocess, processing.postprocess) if step]
+        labels = [f"{len(processing.labels)} labels"] if processing.labels else []
+        print(f"  predict:      takes {processing.input}, gives {processing.output} ({', '.join(steps + labels)}); "
+              "predict_tensors() is the model alone")
     for weights in manifest.weights:
         print(f"  weights:      {weights.path} {weights.size:,} bytes sha256 {weights.sha256}")
     for part in manifest.parts:

@@ -119,6 +119,8 @@ def test_the_wheel_holds_the_functions_and_assets_and_the_card_says_what_predict
     assert "predict() takes a string or a list of strings and returns each sample's `label` and its `scores`" in card
     with zipfile.ZipFile(wheels["labelled"]) as archive:
         assert not any("_functions/" in name for name in archive.namelist())
+    shown = nnwheel("inspect", wheels["pixels"]).stdout
+    assert "predict:      takes json, gives json (pixels.to_batch, pixels.best, 10 labels)" in shown
 
 
 def test_a_tensor_model_refuses_text_with_what_it_takes(installed):
