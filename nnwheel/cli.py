@@ -141,10 +141,9 @@ def _run_wrap(args: argparse.Namespace) -> None:
 
     if args.input_dtype and not args.input_shape:
         raise UsageError("--input-dtype needs --input-shape")
-    if args.arch is None and args.arch_kwargs:
-        raise UsageError("--arch-kwargs needs --arch FILE.py:CLASS")
-    if args.include and not (args.arch or args.preprocess or args.postprocess):
-        raise UsageError("--include adds modules that --arch FILE.py:CLASS, --preprocess or --postprocess import; give one")
+    if (args.arch is None and args.arch_kwargs) or (args.include and not (args.arch or args.preprocess or args.postprocess)):
+        raise UsageError("--arch-kwargs and --include need --arch FILE.py:CLASS (--include also goes with --preprocess "
+                         "or --postprocess, for modules they import)")
     processing = parse_processing(args.preprocess, args.postprocess, args.labels, args.asset, args.include, args.example)
     shapes = [parse_shape(text) for text in args.input_shape]
     dtypes = [parse_dtype(text) for text in args.input_dtype] or ["float32"]

@@ -318,6 +318,15 @@ def rows(w: World) -> None:
 
 
 
+def nine_labels(w: World) -> None:
+    (w.dir / "nine.txt").write_text("".join(f"{digit}\n" for digit in range(9)))
+
+
+def raising_preprocess(w: World) -> None:
+    (w.dir / "steps.py").write_text("def prepare(raw):\n    raise ValueError('pixels are 0-16')\n")
+    (w.dir / "raw.json").write_text(json.dumps([0] * 64))
+
+
 def wrap(extra: str = "", file: str = "model.pth") -> str:
     """The digits model's wrap command, with extra or replaced options."""
     base = f"wrap {file} --name digits-x --arch model.py:DigitsMLP --input-shape -1,64"
@@ -368,6 +377,12 @@ CASES = [
     Case("wrap/include-missing", wrap("--include nope.py"), 2, "--include nope.py does not exist", CKPT),
     Case("wrap/include-without-arch", "wrap model.pth --name digits-x --include model.py --input-shape -1,64", 2,
          "need --arch FILE.py:CLASS", CKPT),
+    Case("wrap/labels-count-not-the-outputs", wrap("--labels nine.txt"), 1, "write one label per line, one for each score",
+         (*CKPT, nine_labels)),
+    Case("wrap/preprocess-raises", wrap("--preprocess steps.py:prepare --example raw.json"), 1,
+         "steps.py:prepare failed on the --example: ValueError: pixels are 0-16; fix the function", (*CKPT, raising_preprocess)),
+    Case("wrap/preprocess-without-raw-example", wrap("--preprocess steps.py:prepare"), 2, "needs --example FILE.json",
+         (*CKPT, raising_preprocess)),
     Case("wrap/include-syntax-error", wrap("--include broken.py"), 1, "broken.py is not valid Python", (*CKPT, broken_arch)),
     Case("wrap/local-import-not-included", "wrap net.pth --name digits-x --arch net.py:Net --input-shape -1,64", 1,
          "add them: --include", (net_importing_a_sibling,)),
@@ -494,6 +509,8 @@ CASES = [
     Case("api/predict-nothing", "import digits_mlp; digits_mlp.predict()", 1, "takes 1 input(s) (input), got 0",
          INSTALLED, "api", "ValueError"),
     Case("api/predict-ragged", "import digits_mlp; digits_mlp.predict([[0.5] * 64, [0.5]])", 1, "must be rectangular",
+         INSTALLED, "api", "ValueError"),
+    Case("api/predict-text", "import digits_mlp; digits_mlp.predict(['a text'])", 1, "not text; this model takes arrays",
          INSTALLED, "api", "ValueError"),
     Case("api/load-on-an-unknown-device", "import digits_mlp; digits_mlp.load('nonsense')", 1, "use device='cpu'",
          INSTALLED, "api", "ValueError"),

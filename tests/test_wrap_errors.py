@@ -354,7 +354,7 @@ def test_processing_options_that_do_not_go_together(tmp_path, capsys):
     line = wrap_fails(capsys, tmp_path / "dist", *_digits("--input-shape", "-1,64", "--labels", tmp_path / "digits.txt", "--to", "onnx"))
     assert "--to onnx converts the model alone" in line
     line = wrap_fails(capsys, tmp_path / "dist", EXAMPLE / "model.pth", "--name", "m", "--include", tmp_path / "digits.txt")
-    assert "--include adds modules that --arch FILE.py:CLASS, --preprocess or --postprocess import" in line
+    assert "--include need --arch FILE.py:CLASS (--include also goes with --preprocess or --postprocess" in line
 
 
 def test_labels_for_a_hugging_face_model_that_has_its_own(tmp_path, capsys):

@@ -26,7 +26,7 @@ def _read_input(name: str) -> Any:
         with open(name, encoding="utf-8") as file:
             return json.load(file)
     except ValueError as error:  # not JSON (or not UTF-8), or a .npy of pickled objects: say which input
-        raise ValueError(f"--input {name} cannot be read ({error}); give a JSON file or a .npy array") from None
+        raise ValueError(f"--input {name} cannot be read ({error}); give JSON nested lists or a .npy array") from None
 
 
 def _to_json(outputs: Any) -> Any:
