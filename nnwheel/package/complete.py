@@ -74,6 +74,8 @@ def complete_package(
         real_run(project.package, example or zeros_for(manifest), origin=_origin(source))  # proof that it runs
     if processing is not None:
         check_labels(manifest, processing)
+        for each in projects:
+            each.write_tensors()  # predict() runs on the real weights, which a large model's may not have been
         raw_run(project.package, processing, example or zeros_for(manifest), [part.root for part in projects[:-1]])
     write_model_card(project.root, manifest, wheel.metadata)
     return manifest

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ProcessingError, UsageError
 from ..manifest import Function, Processing
-from .arch import python_source, include_files, missing_local_imports, requirements_of
+from .arch import include_files, missing_local_imports, python_source, requirements_of
 
 _FUNCTIONS_INIT = b'"""The sources of the package\'s preprocess and postprocess, as given to nnwheel wrap."""\n'
 # A folder or file name under the package's assets/: letters, digits and . _ - + and inner spaces, nothing a
@@ -56,7 +56,7 @@ class ProcessingSpec:
     def manifest(self) -> Processing:
         """What the package's manifest records of it: the steps, and what predict() takes and gives."""
         raw = self.raw_example
-        texts = isinstance(raw, str) or (isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw))
+        texts = isinstance(raw, str) or (isinstance(raw, list) and bool(raw) and all(isinstance(t, str) for t in raw))
         return Processing(
             input="tensor" if self.preprocess is None else "text" if texts else "json",
             output="json" if self.postprocess else "label" if self.labels else "tensor",
