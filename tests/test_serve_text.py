@@ -14,8 +14,14 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from conftest import free_port, make_venv, nnwheel, serving
-from processing_fixtures import TEXTS, digits_labelled_wheel, digits_pixels_wheel, words_model_wheel
-from tritonclient.utils import InferenceServerException
+from processing_fixtures import (
+    TEXTS,
+    digits_labelled_wheel,
+    digits_pixels_wheel,
+    words_model_wheel,
+)
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 pytestmark = pytest.mark.e2e
 
@@ -138,6 +144,15 @@ def test_tritonclient_sends_bytes_as_binary_data_and_over_grpc(env, words, grpc_
     result = client.infer("words-model", [sent])
     assert [label.decode() for label in result.as_numpy("label")] == expected["label"]
     np.testing.assert_allclose(result.as_numpy("scores"), expected["scores"], rtol=0, atol=0)
+    # Typed contents, as other gRPC clients send text: bytes_contents.
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[len(TEXTS)],
+        contents=service_pb2.InferTensorContents(bytes_contents=[text.encode() for text in TEXTS]),
+    )  # fmt: skip
+    response = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="words-model", inputs=[tensor]))
+    assert [output.datatype for output in response.outputs] == ["BYTES", "FP32"]
+    assert [label.decode() for label in deserialize_bytes_tensor(response.raw_output_contents[0])] == expected["label"]
     numbers = triton_grpc.InferInput("text", [1, 5], "FP32")
     numbers.set_data_from_numpy(np.zeros((1, 5), np.float32))
     with pytest.raises(InferenceServerException) as refused:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ProcessingError, SchemaError
 from ..manifest import Manifest
