@@ -72,7 +72,6 @@ class BatchWorld:
 
 def wrap_models(out: Path) -> dict[str, Path]:
     import torch
-
     from conftest import load_module
 
     sources = out / "scorer-sources"

@@ -10,8 +10,6 @@ from ..errors import BatchInputError, UsageError
 from .model import BatchModel, find_model
 from .reading import InputFile, open_input
 
-ENGINES = ("local", "spark", "ray")
-
 
 @dataclass(frozen=True)
 class BatchJob:

@@ -16,7 +16,6 @@ from .job import Plan
 from .output import staged
 from .pipeline import WriteBehind, read_ahead
 
-
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 

@@ -1,7 +1,7 @@
 """Reading, running and writing at once: the model's batches in this thread, input and output in one each.
 
 pyarrow and the model's runtime let go of the GIL while they work, so reading the next batch and writing the
-last one cost the model's loop next to nothing. Each queue holds two batches: memory stays bounded.
+last one cost the model's loop next to nothing. Each queue holds one batch: memory stays bounded.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
-_DEPTH = 2
+_DEPTH = 1
 _END = object()
 
 
 def read_ahead(items: Iterable[Item]) -> Iterator[Item]:
-    """The items of `items`, produced in a thread of their own up to two ahead; its errors raised here."""
+    """The items of `items`, produced in a thread of their own one ahead; its errors raised here."""
     waiting: queue.Queue = queue.Queue(_DEPTH)
     stop = threading.Event()
 

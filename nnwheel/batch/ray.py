@@ -27,7 +27,8 @@ def run_ray(plan: Plan) -> Scored:
     job = plan.job
     runtime_env = {"pip": {"packages": [plan.model.requirement], "pip_install_options": index_options(job.index)}}
     with staged(job.output, job.overwrite) as temporary:
-        ray.init(address=job.address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
+        # "local": a new cluster, not the one a `ray start` on this machine left its address for (it may be gone)
+        ray.init(address=job.address or "local", runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
@@ -56,7 +57,7 @@ def _read(ray: Any, plan: Plan) -> Any:
 
 def _job_error(plan: Plan, error: Exception) -> Exception:
     text = str(error)
-    if "RuntimeEnvSetupError" in type(error).__name__ or "runtime_env" in text.lower() and "pip" in text.lower():
+    if type(error).__name__ == "RuntimeEnvSetupError" or ("runtime_env" in text.lower() and "pip" in text.lower()):
         return WorkerInstallError(f"the Ray workers' pip could not install {plan.model.requirement}: {pip_error(text)}")
     for line in reversed(text.splitlines()):
         if "ValueError: " in line:

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 
 from . import _MANIFEST, predict
 
-Columns = Mapping[str, Union[str, Sequence[str]]]  # input name -> its column, or the columns stacked into it
+# Input name -> its column, or the columns stacked into it. Union, not |: the package runs on Python 3.9.
+Columns = Mapping[str, Union[str, Sequence[str]]]
 _BATCH_BYTES = 4 << 20  # input bytes per batch: big enough to amortise a call, small enough to stream
 # Spark's types for the outputs' dtypes: only those Arrow gives as they are (no uint8, no float16).
 _SPARK_TYPES = {"float32": "float", "float64": "double", "int8": "tinyint", "int16": "smallint", "int32": "int",
@@ -134,8 +135,8 @@ def _column_array(column: Any, name: str, spec: dict[str, Any]) -> np.ndarray:
         else:
             break
         column = column.flatten()  # the values of the rows in this slice only, past any offset
-    values = _cast(column, name, spec)
-    return values.to_numpy(zero_copy_only=False, writable=True).reshape(-1, *dims) if dims else values.to_numpy(zero_copy_only=False, writable=True)
+    # A copy: Arrow's memory is read-only, and a model may write to its input (torch warns that it could).
+    return _cast(column, name, spec).to_numpy(zero_copy_only=False, writable=True).reshape(-1, *dims)
 
 
 def _one_length(column: Any, name: str, spec: dict[str, Any]) -> int:
