@@ -20,9 +20,8 @@ from ..sources.tensors import MemoryTensor, StoredTensor, Tensor
 # Where a part's data begins in its file, and the unit of a piece's length: the largest page size of the
 # machines torch runs on (arm64 kernels with 64 KiB pages), so that pieces can be memory-mapped side by side.
 PIECE_ALIGN = 64 << 10
-# What a part's wheel holds beside its tensors' bytes: zip headers, dist-info, the safetensors header
-# (padded to PIECE_ALIGN).
-_WHEEL_OVERHEAD_BYTES = (64 << 10) + PIECE_ALIGN
+# What a part's wheel holds beside its tensors' bytes: zip headers, dist-info, the safetensors header.
+_WHEEL_OVERHEAD_BYTES = 64 << 10
 _ENTRY_BYTES = 256  # per tensor: its safetensors header entry and a little slack
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -37,6 +36,7 @@ class Piece:
     start: int = 0
     end: int = 0
     index: int | None = None
+    aligned: bool = False  # a piece whose part puts its data at PIECE_ALIGN, a whole number of which it is long
 
     def entry_name(self, file_name: str) -> str:
         return file_name if self.index is None else f"{file_name}#{self.index}"
@@ -79,18 +79,22 @@ def cut(tensors: Mapping[str, Tensor], max_file_size: int) -> list[list[Piece]]:
     file puts its data at a PIECE_ALIGN boundary, the loader maps the pieces side by side rather than copy them.
     """
     budget = max_file_size - _WHEEL_OVERHEAD_BYTES
-    step = (budget - _ENTRY_BYTES) // PIECE_ALIGN * PIECE_ALIGN
-    if budget < 4 * _ENTRY_BYTES or step <= 0:
+    if budget < 4 * _ENTRY_BYTES:
         raise UsageError(
             f"--max-file-size {max_file_size} bytes leaves no room for weights beside a wheel's own files "
             f"({_WHEEL_OVERHEAD_BYTES} bytes); give at least 1MB"
         )
     whole = {name: tensor for name, tensor in tensors.items() if _ENTRY_BYTES + tensor.size <= budget}
     parts = _packed(whole, budget)
+    # Aligned pieces where the limit leaves room for the file's padding to PIECE_ALIGN; otherwise (a limit of
+    # kilobytes) pieces as large as a part holds, which the loader reads rather than maps.
+    step = (budget - PIECE_ALIGN - _ENTRY_BYTES) // PIECE_ALIGN * PIECE_ALIGN
+    aligned = step > 0
+    step = step if aligned else budget - _ENTRY_BYTES
     for name, tensor in sorted(tensors.items()):
         if name not in whole:
             ranges = [(start, min(tensor.size, start + step)) for start in range(0, tensor.size, step)]
-            parts += [[Piece(name, start, end, index)] for index, (start, end) in enumerate(ranges)]
+            parts += [[Piece(name, start, end, index, aligned)] for index, (start, end) in enumerate(ranges)]
     return parts
 
 

@@ -40,7 +40,8 @@ class Project:
         assert self.tensors is not None and self.tensors_path is not None
         path = self.tensors_path
         path.unlink(missing_ok=True)
-        align = PIECE_ALIGN if self.tensors.pieces is not None else 8  # a part's pieces can be mapped
+        pieces = self.tensors.pieces or ()
+        align = PIECE_ALIGN if any(piece.aligned for piece in pieces) else 8  # then the loader maps the pieces
         layout = SafetensorsLayout(self.tensors.file_tensors(fit), self.tensors.checkpoint, align)
         self.fit, self.deferred, self._tensors_written = fit, None, None
         if deferred:  # the run without weights reads none of them: they can wait for the wheel
