@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     node = make_venv(directory / "node-env")
     command = [str(node.python), "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(port),
                "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"]
+    # Ray turns token authentication on for `ray start` once any local ray.init() has left ~/.ray/auth_token,
+    # then asks it of every client: this cluster and its clients (nnwheel batch among them) go without.
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     with log.open("wb") as output:
         head = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PIP_RETRIES": "0"})
@@ -52,7 +57,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         _wait_for_ray(address, head, log)
         yield address
-    finally:  # the head and every process of the node are in the session it leads: ours to end
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE")
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved  # the head and every process of the node are in the session it leads: ours to end
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(5)
@@ -63,12 +72,14 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _wait_for_ray(address: str, head: subprocess.Popen, log: Path) -> None:
     check = [sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"]
-    for _ in range(60):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         if head.poll() is not None:
             raise AssertionError(f"ray start ended: {log.read_text()[-2000:]}")
-        if subprocess.run(check, capture_output=True, timeout=120).returncode == 0:
+        attempt = subprocess.run(check, capture_output=True, text=True, timeout=120)
+        if attempt.returncode == 0:
             return
-    raise AssertionError(f"the Ray cluster at {address} did not answer: {log.read_text()[-2000:]}")
+    raise AssertionError(f"the Ray cluster at {address} did not answer: {attempt.stderr[-2000:]}")
 
 
 def engine_args(engine: str, world, address: str | None = None) -> list:
