@@ -192,3 +192,17 @@ def test_no_pyarrow_is_one_error_naming_the_extra(batch_world, tmp_path):
                    env={"PYTHONPATH": str(hidden)})
     assert "pip install 'nnwheel[batch]'" in error
 
+
+
+def test_the_progress_bar_counts_rows():
+    import os
+    import pty
+
+    from nnwheel.progress import ROWS, Progress
+
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as terminal, Progress(1_000_000, "scoring digits-mlp", stream=terminal, unit=ROWS) as bar:
+        bar.advance(1_000_000)
+    shown = os.read(master, 1 << 16).decode()
+    os.close(master)
+    assert "scoring digits-mlp [" in shown and " 1000000/1000000 rows " in shown and " rows/s" in shown
