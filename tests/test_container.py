@@ -104,6 +104,66 @@ def deploy_build(out: Path, indexes: ImageIndexes, base: str, *args: str, check:
     )  # fmt: skip
 
 
+# --- What cannot be built or run ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def new_unnamed_images_removed():
+    """A failed build keeps the layers it made as cache; the test removes those it made."""
+    before = unnamed_images()
+    yield
+    leftover = unnamed_images() - before
+    if leftover:
+        engine("rmi", "--force", *leftover, check=False)
+
+
+def test_a_base_image_without_python3_is_named_in_one_line(tmp_path, new_unnamed_images_removed):
+    empty = tmp_path / "empty.tar"
+    subprocess.run(["tar", "-cf", empty, "--files-from", "/dev/null"], check=True)
+    engine("import", "--quiet", empty, "localhost/nnwheel-test-empty:1")
+    try:
+        result = nnwheel("deploy", "digits-mlp", "--index", "http://127.0.0.1:9/simple/", "--version", "0.1.0",
+                         "--base-image", "localhost/nnwheel-test-empty:1", "--out", tmp_path / "out", "--build",
+                         check=False)  # fmt: skip
+    finally:
+        engine("rmi", "localhost/nnwheel-test-empty:1", check=False)
+    assert result.returncode == 1
+    assert the_error(result.stderr).startswith(
+        'error: the base image localhost/nnwheel-test-empty:1 cannot make a venv (exec: "python3": executable file '
+        "not found in $PATH): pass a --base-image with python3 and its venv module (Debian's python3-venv)"
+    )
+    assert engine("image", "exists", IMAGE, check=False).returncode == 1
+
+
+def test_an_index_the_build_cannot_reach_is_pip_s_error_in_one_line_and_no_image(base_image, tmp_path, new_unnamed_images_removed):
+    image = "localhost/nnwheel-test-unreachable:0.1.0"
+    result = nnwheel("deploy", "digits-mlp", "--index", "http://127.0.0.1:9/simple/", "--version", "0.1.0",
+                     "--torch-index", "none", "--base-image", base_image, "--image", image, "--out", tmp_path, "--build",
+                     check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert the_error(result.stderr) == (
+        "error: pip in the image build failed: Could not find a version that satisfies the requirement "
+        "digits-mlp==0.1.0 (from versions: none); pip could not connect to the index ([Errno 111] Connection "
+        f"refused): check that --index is reachable from inside the build; the build's log: {tmp_path / 'build.log'}"
+    )
+    assert engine("image", "exists", image, check=False).returncode == 1  # nothing tagged
+
+
+def test_a_port_in_use_is_refused_before_anything_is_built(tmp_path):
+    podman()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = nnwheel("deploy", "digits-mlp", "--index", "http://127.0.0.1:9/simple/", "--version", "0.1.0",
+                         "--out", tmp_path / "out", "--build", "--run", "--port", port, check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert the_error(result.stderr) == (
+        f"error: --port {port} is in use on this machine: stop what listens there, or pass another --port"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 # --- The image and its container ------------------------------------------------------------------------------
 
 

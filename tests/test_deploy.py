@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,7 +17,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, make_venv, nnwheel, serving
+from conftest import ROOT, make_venv, nnwheel, serving, the_error
 
 from nnwheel import __version__
 
@@ -222,3 +223,55 @@ def test_every_part_of_an_image_reference_reads_back_exactly(tmp_path):
     kubernetes_validate.validate(documents[0], kubernetes_validate.utils.latest_version(), strict=True)
     assert documents[0]["spec"]["template"]["spec"]["containers"][0]["image"] == image
     assert f"docker build -t {image} ." in (tmp_path / "Dockerfile").read_text()
+
+
+# --- deploy --build where nothing can build ------------------------------------------------------------------
+
+
+def bare_path(tmp_path: Path, *programs: str) -> dict[str, str]:
+    """A PATH with only the named programs of this machine (none of docker, podman, buildah unless named)."""
+    folder = tmp_path / "bin"
+    folder.mkdir(parents=True)
+    for program in programs:
+        (folder / program).symlink_to(shutil.which(program))
+    return {"PATH": str(folder)}
+
+
+def test_build_without_any_engine_says_what_to_install(tmp_path):
+    result = nnwheel("deploy", "digits-mlp", "--index", INDEX, "--version", "0.1.0", "--out", tmp_path / "out",
+                     "--build", check=False, env=bare_path(tmp_path))  # fmt: skip
+    assert result.returncode == 1
+    assert "--build needs a container engine and none answers here: install podman (Debian/Ubuntu: apt-get install " \
+        "podman; Fedora: dnf install podman) or Docker" in the_error(result.stderr)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+    chosen = nnwheel("deploy", "digits-mlp", "--index", INDEX, "--version", "0.1.0", "--out", tmp_path / "out",
+                     "--build", "--engine", "podman", check=False, env=bare_path(tmp_path / "again"))  # fmt: skip
+    assert "--engine podman: podman is not on PATH; install podman" in the_error(chosen.stderr)
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="needs a docker client without a daemon, as this machine has")
+def test_a_docker_client_without_its_daemon_is_not_taken_for_an_engine(tmp_path):
+    if subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True).returncode == 0:
+        pytest.skip("the docker daemon answers here")
+    env = bare_path(tmp_path, "docker")
+    found = nnwheel("deploy", "digits-mlp", "--index", INDEX, "--version", "0.1.0", "--out", tmp_path / "out",
+                    "--build", check=False, env=env)  # fmt: skip
+    assert "none answers here" in the_error(found.stderr)
+    chosen = nnwheel("deploy", "digits-mlp", "--index", INDEX, "--version", "0.1.0", "--out", tmp_path / "out",
+                     "--build", "--engine", "docker", check=False, env=env)  # fmt: skip
+    assert "--engine docker: the docker daemon does not answer (" in the_error(chosen.stderr)
+    assert "start it (systemctl start docker), or pass --engine podman" in chosen.stderr
+
+
+def test_run_and_engine_go_with_build(tmp_path):
+    for option in (["--run"], ["--engine", "podman"]):
+        result = deploy(tmp_path, "--index", INDEX, "--version", "0.1.0", *option, check=False)
+        assert result.returncode == 2 and "--engine and --run go with --build: add --build" in the_error(result.stderr)
+
+
+def test_torch_index_none_leaves_torch_to_the_index(tmp_path):
+    deploy(tmp_path, "--index", INDEX, "--version", "0.1.0", "--torch-index", "none")
+    assert "--extra-index-url" not in install_command(tmp_path / "Dockerfile")
+    bad = deploy(tmp_path, "--index", INDEX, "--version", "0.1.0", "--torch-index", "download.pytorch.org/whl/cpu", check=False)
+    assert bad.returncode == 2 and "--torch-index" in the_error(bad.stderr)

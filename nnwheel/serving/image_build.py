@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageBuildError
-from .dockerfile import MAKE_VENV
+from .dockerfile import MAKE_VENV, default_base_image
 from .engines import Engine
 
 
@@ -66,8 +66,8 @@ def image_size(engine: Engine, image: str) -> str:
 
 _ENGINE_ERROR = re.compile(r"^(?:Error|ERROR|error)\b:?\s*(.*)$")
 _PIP_ERROR = re.compile(r"(?:^|\s)ERROR: (?!failed to solve)(.+)$")  # docker's plain progress prefixes "#9 3.2"
-_NO_CONNECTION = re.compile(r"(NewConnectionError|Failed to establish a new connection|Name or service not known|"
-                            r"Temporary failure in name resolution|Connection refused)")
+# urllib3's words in pip's retry warnings: "... a new connection: [Errno 111] Connection refused')", or a timeout.
+_NO_CONNECTION = re.compile(r"Failed to establish a new connection: ([^'\")]+)|(Connection to \S+ timed out)")
 _VENV_REASON = re.compile(r'(exec: \S*python3\S* executable file not found[^:"]*|executable file .python3. not found'
                           r"|ensurepip is not available|No module named \S+)")
 
@@ -77,15 +77,15 @@ def _build_failure(text: str, log: Path, base: str) -> ImageBuildError:
     engine_errors = [match[1] for line in lines if (match := _ENGINE_ERROR.match(line))]
     last = engine_errors[-1] if engine_errors else (lines[-1] if lines else "no output")
     if " ".join(MAKE_VENV) in last:
-        reason = next((match[1] for line in lines if (match := _VENV_REASON.search(line))), last)
+        reason = next((match[1] for line in lines if (match := _VENV_REASON.search(line))), last).replace('\\"', '"')
         return ImageBuildError(
             f"the base image {base} cannot make a venv ({reason}): pass a --base-image with python3 and its "
-            f"venv module (Debian's python3-venv), e.g. python:3.11-slim; the build's log: {log}"
+            f"venv module (Debian's python3-venv), e.g. {default_base_image()}; the build's log: {log}"
         )
     pip_errors = [match[1].strip() for line in lines if (match := _PIP_ERROR.search(line))]
     if pip_errors:
-        unreachable = next((match[1] for line in lines if (match := _NO_CONNECTION.search(line))), None)
-        hint = (f"the build could not connect to the index ({unreachable}): check that --index is reachable "
-                "from inside the build" if unreachable else "check that --index holds it and its dependencies")
+        unreachable = next((match[1] or match[2] for line in lines if (match := _NO_CONNECTION.search(line))), None)
+        hint = (f"pip could not connect to the index ({unreachable}): check that --index is reachable from inside "
+                "the build" if unreachable else "check that --index holds it and its dependencies")
         return ImageBuildError(f"pip in the image build failed: {pip_errors[0]}; {hint}; the build's log: {log}")
     return ImageBuildError(f"the image build failed: {last}; the build's log: {log}")
