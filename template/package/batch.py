@@ -11,7 +11,8 @@
 
 Each input is read from the column of its name, or from the columns given for it (`columns=`): a list or
 fixed-size list column becomes one array of shape (rows, ...); several number columns are stacked as the last
-dimension. Each output becomes a column of its name, beside the `keep` columns. Needs pyarrow, which the
+dimension. Each output of the model (predict_tensors(): a package's --preprocess, --labels and --postprocess are for
+predict() on raw values, not for columns) becomes a column of its name, beside the `keep` columns. Needs pyarrow, which the
 package itself does not require; the model is loaded once per process, by its first batch.
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import _MANIFEST, predict
+from . import _MANIFEST, predict_tensors
 
 # Input name -> its column, or the columns stacked into it. Union, not |: the package runs on Python 3.9.
 Columns = Mapping[str, Union[str, Sequence[str]]]
@@ -38,7 +39,7 @@ def predict_table(table: Any, columns: Columns | None = None, keep: Sequence[str
     """The predictions for a pyarrow Table or RecordBatch, one row per row, beside its `keep` columns
     (of the same kind: a RecordBatch for a RecordBatch). Raises ValueError naming a column that does not fit."""
     inputs = [_input_array(table, spec, _columns_of(spec, columns)) for spec in _MANIFEST["inputs"]]
-    outputs = _named_outputs(predict(*inputs))
+    outputs = _named_outputs(predict_tensors(*inputs))
     for name in keep:
         if name in outputs:
             raise ValueError(f"the column {name!r} to keep has the name of an output; rename it")
