@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 import venv
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,15 +61,7 @@ def serving(peer_python: Path, model_dir: Path, log: Path) -> Iterator[str]:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"mlflow models serve did not start:\n{log.read_text()}")
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        serve_tools.wait_until_answered(process, f"{url}/ping", log, "mlflow models serve")
         yield url
     finally:
         if process.poll() is None:

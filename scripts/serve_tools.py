@@ -79,19 +79,24 @@ def serving(python: Path, name: str, options: list[str], log: Path) -> Iterator[
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"nnwheel serve did not start:\n{log.read_text()}")
-            try:
-                urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_answered(process, f"{url}/v2/health/ready", log, "nnwheel serve")
         yield url
     finally:
         os.kill(process.pid, signal.SIGTERM)
         process.wait(60)
+
+
+def wait_until_answered(process: subprocess.Popen, url: str, log: Path, what: str) -> None:
+    """Poll `url` until it answers, for up to two minutes; exit with `what`'s log if it ends or never does."""
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"{what} did not start:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
 
 
 def batching_line(log: Path) -> str:

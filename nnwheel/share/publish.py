@@ -164,14 +164,7 @@ def _check_parts_are_there(target: Target, wheels: list[ModelWheel]) -> None:
 
 def _has_release(target: Target, name: str, version: str) -> bool:
     """Whether the index serves a wheel of `name` at `version`."""
-    url = f"{target.simple_url}{canonicalize_name(name)}/"
-    try:
-        page = _fetch(target, url).decode(errors="replace")
-    except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return False
-        raise_for_status(target, error.code, error.reason)
-    for _, text in _links(page):
+    for _, text in _project_links(target, name):
         try:
             if parse_wheel_filename(text.strip())[1] == Version(version):
                 return True
@@ -192,15 +185,24 @@ def _is_the_released_file(target: Target, wheel: ModelWheel, released: str | Non
     return True
 
 
-def _published_sha256(target: Target, wheel: ModelWheel) -> str | None:
-    url = f"{target.simple_url}{canonicalize_name(wheel.project)}/"
+def _project_links(target: Target, name: str) -> list[tuple[str, str]]:
+    """The (href, text) links of the project's simple page; none where the index has no file of it (404)."""
     try:
-        page = _fetch(target, url).decode(errors="replace")
+        page = _fetch(target, _project_url(target, name)).decode(errors="replace")
     except urllib.error.HTTPError as error:
         if error.code == 404:
-            return None
+            return []
         raise_for_status(target, error.code, error.reason)
-    for href, text in _links(page):
+    return _links(page)
+
+
+def _project_url(target: Target, name: str) -> str:
+    return f"{target.simple_url}{canonicalize_name(name)}/"
+
+
+def _published_sha256(target: Target, wheel: ModelWheel) -> str | None:
+    url = _project_url(target, wheel.project)
+    for href, text in _project_links(target, wheel.project):
         if text.strip() == wheel.path.name:
             fragment = urllib.parse.urlsplit(href).fragment
             if fragment.startswith("sha256="):
