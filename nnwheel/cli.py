@@ -20,6 +20,7 @@ from .batch.commands import add_batch
 from .package.parts import DEFAULT_MAX_FILE_SIZE
 from .serving.commands import add_deploy, add_serve
 from .share.commands import add_index, add_publish
+from .sources.huggingface_tasks import TASKS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,6 +116,9 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
     around.add_argument("--asset", type=Path, action="append", default=[], metavar="PATH",
                         help="a file or folder the functions read, shipped in the package (repeatable); "
                         "they find it with NAME.asset_path('vocab.txt')")
+    hub = wrap.add_argument_group("Hugging Face model directories")
+    hub.add_argument("--task", choices=TASKS, help="what predict() does, instead of what config.json's architecture "
+                     "implies (a classifier can embed too, with its encoder)")
     meta = wrap.add_argument_group("package metadata")
     meta.add_argument("--requires", action="append", default=[], metavar="REQ", help="extra pip requirement (repeatable)")
     meta.add_argument("--readme", type=Path, metavar="FILE", help="model card (Markdown) for the package description")
@@ -167,6 +171,7 @@ def _run_wrap(args: argparse.Namespace) -> None:
         to=args.to,
         max_file_size=parse_max_file_size(args.max_file_size),
         processing=processing,
+        task=args.task,
     )
     with _notes_on_stderr(logging.getLogger("nnwheel.wrap")):
         for wheel in wrap(request):  # the model's own wheel last

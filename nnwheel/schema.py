@@ -20,7 +20,9 @@ class TensorSpec:
     name: str
     dtype: str  # "str" for text and labels
     shape: tuple[int, ...]
-    kind: str = "tensor"  # what predict() takes or gives for it: a "tensor", "text" (strings), a "label", or "json"
+    # What predict() takes or gives for it: a "tensor", "text" (strings), "image" (HWC uint8 images: a tensor to
+    # the package's checks, the task's input to the runtime), a "label", or "json" (any JSON value).
+    kind: str = "tensor"
     labels: tuple[str, ...] = ()  # a "label" output's values, in the order of the scores' columns
 
     def to_json(self) -> dict[str, Any]:
@@ -41,7 +43,9 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class OutputSchema:
-    structure: str  # "tensor", "tuple" or "dict" (the dict's keys are the specs' names)
+    # "tensor", "tuple", "dict" (the dict's keys are the specs' names), or "json": one JSON value, its one spec of
+    # kind "json" (a postprocess's result; a token classifier's entities, a list per text)
+    structure: str
     specs: tuple[TensorSpec, ...]
 
 

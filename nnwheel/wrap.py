@@ -53,6 +53,7 @@ class WrapRequest:
     to: str | None = None  # "onnx": convert a PyTorch model at wrap time
     max_file_size: int | None = None  # bytes per wheel file; larger weights are split into part wheels
     processing: ProcessingSpec | None = None  # --preprocess, --postprocess, --labels, --asset
+    task: str | None = None  # --task, for a Hugging Face directory
 
 
 def wrap(request: WrapRequest) -> list[Path]:
@@ -101,7 +102,9 @@ def _read_source(request: WrapRequest) -> tuple[ModelSource, list | None]:
     _check_conversion(checkpoint, request.to)
     _check_source_dir(request.source_dir)
     example = load_example(request.example) if request.example else None
-    options = SourceOptions(request.arch, request.state_dict_key, request.strip_prefix, request.input_specs, example)
+    options = SourceOptions(
+        request.arch, request.state_dict_key, request.strip_prefix, request.input_specs, example, task=request.task
+    )
     source = read_source(checkpoint, options)
     return _with_processing(source, request.processing, request.to), example
 

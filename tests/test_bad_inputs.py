@@ -180,6 +180,12 @@ def bad_hf_dir(w: World) -> None:
     (w.dir / "hf" / "config.json").write_text("{nope")
 
 
+def tagger_config(w: World) -> None:
+    """A token classifier's config.json alone: --task is checked against the architecture before anything else."""
+    (w.dir / "tagger").mkdir()
+    (w.dir / "tagger" / "config.json").write_text(json.dumps({"architectures": ["BertForTokenClassification"], "model_type": "bert"}))
+
+
 def broken_arch(w: World) -> None:
     (w.dir / "broken.py").write_text("import torch\nclass Net(torch.nn.Module:\n    pass\n")
 
@@ -355,6 +361,10 @@ CASES = [
     Case("wrap/pt2-old-layout", "wrap old.pt2 --name digits-x", 1, "export the model again", (old_pt2,)),
     Case("wrap/keras-h5-not-hdf5", "wrap fake.h5 --name digits-x", 1, "Keras cannot load the model", (fake_h5,)),
     Case("wrap/huggingface-config-not-json", "wrap hf --name digits-x", 1, "save the model again", (bad_hf_dir,)),
+    Case("wrap/huggingface-task-the-model-cannot-do", "wrap tagger --name digits-x --task image-classification", 2,
+         "which can do token-classification, feature-extraction", (tagger_config,)),
+    Case("wrap/task-for-a-state-dict", wrap("--task feature-extraction"), 2, "--task is for Hugging Face model directories",
+         CKPT),
     # --- wrap: names, versions, metadata ----------------------------------------------------------------
     Case("wrap/name-not-a-package-name", wrap("--name=-bad-"), 2, "is not a valid package name", CKPT),
     Case("wrap/name-of-the-standard-library", wrap("--name json"), 2, "standard library", CKPT),

@@ -109,7 +109,8 @@ def _schema_table(manifest: Manifest) -> str:
         for spec in specs:
             shape = "(" + ", ".join("any" if d == -1 else str(d) for d in spec.shape) + ")"
             rows.append(f"| {kind} | `{spec.name}` | {spec.dtype} | {shape} |")
-    structure = {"tensor": "one array", "tuple": "a tuple", "dict": "a dict keyed by output name"}
+    structure = {"tensor": "one array", "tuple": "a tuple", "dict": "a dict keyed by output name",
+                 "json": "a JSON value (lists, dicts, strings, numbers)"}
     text = "\n".join(rows) + f"\n\npredict() returns {structure[manifest.output_structure]}."
     processing = manifest.processing
     if processing is None:

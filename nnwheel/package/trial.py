@@ -148,8 +148,8 @@ TRIAL_TEXTS = ["nnwheel tries the model on this text", "and on this one"]
 
 
 def zeros_for(manifest: Manifest, free: int = 2) -> list:
-    if manifest.runtime == "transformers":
-        return [TRIAL_TEXTS]
+    if manifest.runtime == "transformers":  # texts, or a batch of small black images
+        return [TRIAL_TEXTS] if manifest.inputs[0].kind == "text" else numpy_example_for(manifest.inputs, free=4)
     if manifest.runtime == "onnxruntime":  # no torch needed to wrap an ONNX model
         return numpy_example_for(manifest.inputs, free)
     return example_for(manifest.inputs, free=free)

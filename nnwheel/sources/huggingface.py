@@ -1,8 +1,10 @@
 """Hugging Face model directories (config.json, model.safetensors, the tokenizer's files): read without running any
 of their code, put into the package as they are, and run there by transformers on text.
 
-The task is the config's: a *ForSequenceClassification model classifies (per text, a label and the scores
-over id2label); a base model (*Model), or a sentence-transformers directory (modules.json), embeds. The package's
+The task is the config's, or --task (huggingface_tasks.py): a *ForSequenceClassification model classifies (per
+text, a label and the scores over id2label), a *ForTokenClassification model finds entities (per text, a JSON
+list), a *ForImageClassification model classifies images (HWC uint8, through its image processor's PIL class); a
+base model (*Model), or a sentence-transformers directory (modules.json), embeds. The package's
 runtime pools the token embeddings itself, exactly as sentence-transformers does (so that is not needed to run
 them): the steps it follows (Transformer, Pooling, Normalize; the pooling modes in _POOLING_MODES) are checked
 here, and any other is refused. A config with auto_map names code that comes with the directory
@@ -22,6 +24,7 @@ from packaging.licenses import InvalidLicenseExpression, canonicalize_license_ex
 from ..errors import CheckpointError
 from ..schema import OutputSchema, TensorSpec
 from .checkpoint import Checkpoint
+from .huggingface_tasks import IMAGE_TASK, check_image_processor, chosen_task
 from .source import ModelSource, ProgramFile, SourceOptions
 from .versions import installed_minor
 
@@ -34,6 +37,7 @@ _TOKENIZER_FILES = (
 )
 _SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 _TEXT = TensorSpec("text", "str", (-1,), kind="text")
+_IMAGES = TensorSpec("image", "uint8", (-1, -1, -1, 3), kind="image")  # a batch of HWC RGB images, or one
 _SAVE_ADVICE = "save it with model.save_pretrained(directory) and tokenizer.save_pretrained(directory)"
 # sentence-transformers' pooling modes the runtime computes, in the order it concatenates them.
 _POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens")
@@ -44,14 +48,16 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_token
 
 def read_huggingface(checkpoint: Checkpoint, options: SourceOptions) -> ModelSource:
     directory = checkpoint.path
-    requirements = _requirements()
     config = _read_json(directory / "config.json")
     _refuse_remote_code(directory, config)
-    outputs = _outputs(directory, config)
-    files = (*_weights(directory), *_model_files(directory))
+    task = _task(directory, config, options.task)
+    requirements = _requirements(task)
+    outputs = _outputs(directory, config, task)
+    files = (*_weights(directory), *_model_files(directory, task))
     card, license = _model_card(directory / "README.md")
+    inputs = (_IMAGES if task == IMAGE_TASK else _TEXT,)
     return ModelSource(
-        checkpoint, "transformers", requirements, (_TEXT,), files=files, outputs=outputs, model_card=card,
+        checkpoint, "transformers", requirements, inputs, files=files, outputs=outputs, model_card=card,
         license=license,
     )
 
@@ -101,23 +107,25 @@ def _refuse_remote_code(directory: Path, config: dict) -> None:
             )
 
 
-def _outputs(directory: Path, config: dict) -> OutputSchema:
-    """What predict() gives per text, from the config's architecture: a label and scores, or an embedding."""
+def _task(directory: Path, config: dict, requested: str | None) -> str:
     architectures = config.get("architectures") or []
     architecture = architectures[0] if architectures else ""
+    task = chosen_task(directory / "config.json", architecture, (directory / "modules.json").is_file(), requested)
     _check_known(config, architecture)
-    if (directory / "modules.json").is_file() or architecture.endswith("Model"):
+    return task
+
+
+def _outputs(directory: Path, config: dict, task: str) -> OutputSchema:
+    """What predict() gives per text or image: an embedding, the entities (a JSON list per text), or a label and
+    the scores over the labels."""
+    if task == "feature-extraction":
         size = _embedding_size(directory, config)
         return OutputSchema("tensor", (TensorSpec("embedding", "float32", (-1, size)),))
-    if architecture.endswith("ForSequenceClassification"):
-        labels = _labels(config)
-        label = TensorSpec("label", "str", (-1,), kind="label", labels=labels)
-        return OutputSchema("dict", (label, TensorSpec("scores", "float32", (-1, len(labels)))))
-    raise CheckpointError(
-        f"{directory / 'config.json'} is a {architecture or 'model with no architectures'}, which nnwheel does not "
-        "package yet: it packages text classification (*ForSequenceClassification) and embeddings (a base *Model, "
-        "or a sentence-transformers directory with modules.json)"
-    )
+    if task == "token-classification":
+        return OutputSchema("json", (TensorSpec("entities", "json", (-1,), kind="json"),))
+    labels = _labels(config)
+    label = TensorSpec("label", "str", (-1,), kind="label", labels=labels)
+    return OutputSchema("dict", (label, TensorSpec("scores", "float32", (-1, len(labels)))))
 
 
 def _check_known(config: dict, architecture: str) -> None:
@@ -214,8 +222,11 @@ def _weights(directory: Path) -> list[ProgramFile]:
     return [ProgramFile(f"{MODEL_DIR}/{name}", directory / name) for name in names]
 
 
-def _model_files(directory: Path) -> list[ProgramFile]:
-    """config.json, the tokenizer's files and sentence-transformers' own, as they are."""
+def _model_files(directory: Path, task: str) -> list[ProgramFile]:
+    """config.json, the tokenizer's files and sentence-transformers' own (or an image model's processor), as they are."""
+    if task == IMAGE_TASK:
+        check_image_processor(directory)
+        return [ProgramFile(f"{MODEL_DIR}/{name}", directory / name) for name in ("config.json", "preprocessor_config.json")]
     if not (directory / "tokenizer.json").is_file():
         raise CheckpointError(
             f"{directory} has no tokenizer.json: the package needs the model's (fast) tokenizer; "
@@ -226,10 +237,12 @@ def _model_files(directory: Path) -> list[ProgramFile]:
     return [ProgramFile(f"{MODEL_DIR}/{name}", directory / name) for name in names if (directory / name).is_file()]
 
 
-def _requirements() -> tuple[str, ...]:
-    """transformers and tokenizers from the versions the trial runs with; torch from what that transformers needs."""
+def _requirements(task: str) -> tuple[str, ...]:
+    """transformers and tokenizers from the versions the trial runs with; torch, and Pillow for an image
+    processor, from what that transformers needs (Pillow's lower bound only)."""
     from transformers.dependency_versions_table import deps
 
     transformers = installed_minor("transformers", "transformers")
     tokenizers = installed_minor("tokenizers", "transformers")
-    return (f"transformers>={transformers}", f"tokenizers>={tokenizers}", deps["torch"], "numpy>=1.22")
+    pillow = (deps["Pillow"].split(",")[0],) if task == IMAGE_TASK else ()
+    return (f"transformers>={transformers}", f"tokenizers>={tokenizers}", deps["torch"], "numpy>=1.22", *pillow)

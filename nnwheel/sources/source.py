@@ -32,6 +32,7 @@ class SourceOptions:
     strip_prefix: str | None = None
     input_specs: tuple[TensorSpec, ...] = ()  # from --input-shape / --input-dtype
     example: list | None = None  # the --example's tensors
+    task: str | None = None  # --task: what a Hugging Face directory is packaged for, instead of its config's
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Run a Hugging Face transformers model on text, from the directory in this package and with no network.
-Imported on the first predict() or load(), never at package import.
+"""Run a Hugging Face transformers model on text or images, from the directory in this package and with no
+network. Imported on the first predict() or load(), never at package import.
 
-A classifier gives, per text, its label and the scores over its labels (softmax, or sigmoid where the model is
-multi-label or has one label, as transformers' text-classification pipeline scores). An embedding model gives
-the token embeddings pooled as sentence-transformers pools them (its Pooling and Normalize steps, and its
+The task is the one wrap recorded in the manifest's schema (see _task). A classifier gives, per text or image,
+its label and the scores over its labels (softmax, or sigmoid where the model is multi-label or has one label,
+as transformers' pipelines score). A token classifier gives, per text, its entities, grouped as transformers'
+token-classification pipeline groups them with aggregation_strategy="simple" (_entities). An embedding model
+gives the token embeddings pooled as sentence-transformers pools them (its Pooling and Normalize steps, and its
 max_seq_length), computed here: sentence-transformers is not needed.
 """
 
@@ -28,10 +30,18 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; the package runs 
     from importlib.resources.abc import Traversable
 
 
+# The model class each task loads, by the name transformers gives it.
+_AUTO_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification", "token-classification": "AutoModelForTokenClassification",
+    "image-classification": "AutoModelForImageClassification", "feature-extraction": "AutoModel",
+}
+
+
 class TextModel(NamedTuple):
-    tokenizer: Any
+    task: str  # one of _AUTO_CLASSES
+    tokenizer: Any  # or, for images, the image processor (its PIL/numpy class: no torchvision)
     model: Any  # the transformers model, in eval mode
-    labels: Any  # a classifier's labels (numpy str), in the order of its logits; None for an embedding model
+    labels: Any  # a classifier's labels (numpy str), in the order of its logits; None for the other tasks
     size: int  # of the scores or of the embedding
     max_length: int  # tokens per text, longer ones cut
     pooling: tuple[str, ...]  # sentence-transformers' pooling modes, concatenated in this order
@@ -39,16 +49,30 @@ class TextModel(NamedTuple):
 
 
 def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> TextModel:
+    task = _task(manifest)
     first = manifest["outputs"][0]
     labels = numpy.asarray(first["labels"], dtype=str) if first.get("kind") == "label" else None
-    auto = transformers.AutoModel if labels is None else transformers.AutoModelForSequenceClassification
+    auto = getattr(transformers, _AUTO_CLASSES[task])
     with as_file(package_files.joinpath("model")) as directory, _quietly():  # installed wheels' files are real files
         pipeline = _sentence_pipeline(directory)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **pipeline["tokenizer"])
+        if task == "image-classification":
+            tokenizer = transformers.AutoImageProcessor.from_pretrained(directory, local_files_only=True, backend="pil")
+        else:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **pipeline["tokenizer"])
         model = auto.from_pretrained(directory, local_files_only=True).to(device).eval()
-    max_length = pipeline["max_length"] or min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    max_length = pipeline["max_length"] or min(
+        getattr(tokenizer, "model_max_length", 0), getattr(model.config, "max_position_embeddings", 0)
+    )
     size = manifest["outputs"][-1]["shape"][-1]
-    return TextModel(tokenizer, model, labels, size, max_length, pipeline["pooling"], pipeline["normalize"])
+    return TextModel(task, tokenizer, model, labels, size, max_length, pipeline["pooling"], pipeline["normalize"])
+
+
+def _task(manifest: dict[str, Any]) -> str:
+    """The task, as wrap's schema for it tells: images in, entities ("json") out, a label out, or an embedding."""
+    if manifest["inputs"][0].get("kind") == "image":
+        return "image-classification"
+    kind = manifest["outputs"][0].get("kind")
+    return {"label": "text-classification", "json": "token-classification"}.get(kind, "feature-extraction")
 
 
 @contextlib.contextmanager
@@ -92,18 +116,43 @@ def _pooling_modes(pooling: dict[str, Any]) -> tuple[str, ...]:
 
 
 def run(model: TextModel, values: list[Any]) -> Any:
+    if model.task == "image-classification":
+        return _images_classified(model, values[0])
     texts = values[0].tolist()
     if not texts:  # the tokenizer refuses an empty batch
-        scores = numpy.zeros((0, model.size), numpy.float32)
-        return scores if model.labels is None else {"label": model.labels[:0], "scores": scores}
+        return _nothing(model)
+    tokens = model.task == "token-classification"  # then where each token is in its text, and which are special
     features = model.tokenizer(
-        texts, padding=True, truncation="longest_first", max_length=model.max_length, return_tensors="pt"
-    ).to(model.model.device)
+        texts, padding=True, truncation="longest_first", max_length=model.max_length, return_tensors="pt",
+        return_offsets_mapping=tokens, return_special_tokens_mask=tokens,
+    )
+    spans = [features.pop(key).tolist() for key in ("offset_mapping", "special_tokens_mask") if key in features]
     with torch.inference_mode():
-        output = model.model(**features)
-    if model.labels is None:
+        output = model.model(**features.to(model.model.device))
+    if model.task == "feature-extraction":
         return _pooled(model, output.last_hidden_state, features["attention_mask"])
+    if tokens:
+        return _entities(model, texts, features["input_ids"].tolist(), *spans, output.logits.float().softmax(-1))
     return _classified(model, output.logits.float())
+
+
+def _nothing(model: TextModel) -> Any:
+    """What run() gives for no texts or images."""
+    if model.task == "token-classification":
+        return numpy.empty(0, dtype=object)
+    scores = numpy.zeros((0, model.size), numpy.float32)
+    return scores if model.labels is None else {"label": model.labels[:0], "scores": scores}
+
+
+def _images_classified(model: TextModel, images: Any) -> dict[str, Any]:
+    """A batch of HWC uint8 images (numpy) through the image processor, then the classifier."""
+    if not len(images):
+        return _nothing(model)
+    # channels_last said, not guessed: transformers would take a 3-pixel-high image for channels first.
+    pixels = model.tokenizer(list(images), return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+    with torch.inference_mode():
+        logits = model.model(pixel_values=pixels.to(model.model.device)).logits
+    return _classified(model, logits.float())
 
 
 def _classified(model: TextModel, logits: torch.Tensor) -> dict[str, Any]:
@@ -132,5 +181,55 @@ def _pooled(model: TextModel, tokens: torch.Tensor, attention_mask: torch.Tensor
     return embedding.cpu().numpy()
 
 
+def _entities(model: TextModel, texts: list[str], ids: list[list[int]], offsets: list[Any], special: list[Any],
+              probabilities: torch.Tensor) -> Any:
+    """Each text's entities, as the token-classification pipeline gives them with aggregation_strategy="simple":
+    each token (not a special one) takes its most likely label; neighbouring tokens of the same entity type
+    (B-X then I-X, or the same label) are one entity, scored by their mean; "O" is no entity. One numpy object
+    array of per-text lists, so that a single text comes back as its own list (see to_numpy)."""
+    scores, best = (each.cpu().numpy() for each in probabilities.max(-1))
+    names = model.model.config.id2label
+    found = numpy.empty(len(texts), dtype=object)
+    for row, text in enumerate(texts):
+        tokens = [
+            (names[int(best[row, i])], float(scores[row, i]), _word(model.tokenizer, text, token, offsets[row][i]),
+             *offsets[row][i])
+            for i, token in enumerate(ids[row]) if not special[row][i]
+        ]
+        found[row] = [entity for entity in _grouped(model.tokenizer, tokens) if entity["entity_group"] != "O"]
+    return found
+
+
+def _word(tokenizer: Any, text: str, token: int, span: list[int]) -> str:
+    """The token as the pipeline names it: the tokenizer's, or the text itself for an unknown token."""
+    return text[span[0] : span[1]] if token == tokenizer.unk_token_id else tokenizer.convert_ids_to_tokens(token)
+
+
+def _grouped(tokenizer: Any, tokens: list[tuple[str, float, str, int, int]]) -> list[dict[str, Any]]:
+    groups: list[list[tuple[str, float, str, int, int]]] = []
+    for token in tokens:
+        prefix, tag = _tag(token[0])
+        if groups and prefix != "B" and tag == _tag(groups[-1][-1][0])[1]:
+            groups[-1].append(token)
+        else:
+            groups.append([token])
+    return [
+        {
+            "entity_group": group[0][0].split("-", 1)[-1],
+            "score": float(numpy.mean([token[1] for token in group], dtype=numpy.float32)),
+            "word": tokenizer.convert_tokens_to_string([token[2] for token in group]),
+            "start": group[0][3],
+            "end": group[-1][4],
+        }
+        for group in groups
+    ]
+
+
+def _tag(label: str) -> tuple[str, str]:
+    """A label's B/I prefix and its entity type: B-PER is ("B", "PER"); a label without a prefix is inside."""
+    return (label[0], label[2:]) if label[:2] in ("B-", "I-") else ("I", label)
+
+
 def to_numpy(output: Any) -> Any:
-    return output  # run() gives numpy already
+    """run() gives numpy already; a token classifier's entities (an object array, one list per text) as a list."""
+    return output.tolist() if isinstance(output, numpy.ndarray) and output.dtype == object else output

@@ -1,0 +1,210 @@
+"""Hugging Face directories for the tasks besides text classification and embeddings: token classification
+(entities as transformers' pipeline groups them with aggregation_strategy="simple"), image classification
+through the image processor's PIL class, and --task. Tiny models built here from configs, offline."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from email.parser import HeaderParser
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import make_venv, serving
+from PIL import Image
+from test_formats_huggingface import CORPUS, config, copy_of, saved, wrap_fails, wrap_to_project
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import transformers  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
+
+from nnwheel.cli import main  # noqa: E402
+from nnwheel.package.trial import imported  # noqa: E402
+
+ENTITIES = {0: "O", 1: "B-FILM", 2: "I-FILM", 3: "B-MOOD", 4: "I-MOOD"}
+# Known words, a word the tokenizer has never seen (its [UNK] is named by the text), one cut at 48 tokens, none.
+SENTENCES = [*CORPUS[:4], "great Ünïcödé film", "dull " * 60, ""]
+KINDS = {0: "cat", 1: "dog", 2: "bird"}
+
+
+@pytest.fixture(scope="module")
+def tagger_dir(tmp_path_factory) -> Path:
+    model = transformers.BertForTokenClassification(config(id2label=ENTITIES, label2id={v: k for k, v in ENTITIES.items()}))
+    return saved(model, tmp_path_factory.mktemp("hf") / "tagger")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    settings = transformers.ViTConfig(
+        image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        id2label=KINDS, label2id={v: k for k, v in KINDS.items()},
+    )
+    directory = tmp_path_factory.mktemp("hf") / "vit"
+    transformers.ViTForImageClassification(settings).save_pretrained(directory)
+    transformers.ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(directory)
+    return directory
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    wheel: Path
+    package: Path  # the project's package, from --source-dir, which imported() imports
+
+
+def wrapped(directory: Path, work: Path, name: str) -> Wrapped:
+    """wrap in this process (each test module's fixtures wrap once: the fresh venv installs the same wheel)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["wrap", str(directory), "--name", name, "--out", str(work / "dist"), "--source-dir", str(work / "project")])
+    assert code == 0
+    return Wrapped(Path(out.getvalue().strip().splitlines()[-1]), work / "project" / name.replace("-", "_"))
+
+
+@pytest.fixture(scope="module")
+def tagger(tagger_dir, tmp_path_factory) -> Wrapped:
+    return wrapped(tagger_dir, tmp_path_factory.mktemp("tagger"), "my-tagger")
+
+
+@pytest.fixture(scope="module")
+def image_model(image_dir, tmp_path_factory) -> Wrapped:
+    return wrapped(image_dir, tmp_path_factory.mktemp("images"), "my-images")
+
+
+def images(count: int, size: tuple[int, int] = (10, 12)) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (count, *size, 3), dtype=np.uint8)
+
+
+def expected_entities(directory: Path, texts: list[str]) -> list[list[dict]]:
+    tagger = transformers.pipeline("token-classification", model=str(directory), aggregation_strategy="simple", device="cpu")
+    return [tagger(text) if text else [] for text in texts]
+
+
+def assert_same_entities(found: list[list[dict]], expected: list[list[dict]]) -> None:
+    assert len(found) == len(expected)
+    for ours, theirs in zip(found, expected):
+        assert [{k: v for k, v in e.items() if k != "score"} for e in ours] == [
+            {k: (int(v) if k in ("start", "end") else v) for k, v in e.items() if k != "score"} for e in theirs
+        ]
+        np.testing.assert_allclose([e["score"] for e in ours], [float(e["score"]) for e in theirs], atol=1e-5)
+
+
+def test_a_token_classifier_gives_each_text_its_entities_as_the_pipeline_groups_them(tagger_dir, tagger):
+    expected = expected_entities(tagger_dir, SENTENCES)
+    with imported(tagger.package) as package:
+        found = package.predict(SENTENCES)
+        one = package.predict(SENTENCES[0])
+        assert package.predict([]) == []
+        manifest = package.info()
+    assert_same_entities(found, expected)
+    assert {entity["entity_group"] for each in found for entity in each} == {"FILM", "MOOD"}
+    assert one == found[0] and isinstance(found, list) and isinstance(found[0][0]["score"], float)
+    assert manifest["outputs"] == [{"name": "entities", "dtype": "json", "shape": [-1], "kind": "json"}]
+    assert manifest["output_structure"] == "json"
+
+
+def test_an_image_classifier_takes_hwc_uint8_arrays_and_pil_images(image_dir, image_model):
+    batch = images(3)
+    processor = transformers.AutoImageProcessor.from_pretrained(image_dir, backend="pil")
+    model = transformers.ViTForImageClassification.from_pretrained(image_dir).eval()
+    with torch.no_grad():
+        expected = model(**processor(list(batch), return_tensors="pt")).logits.softmax(-1).numpy()
+    pipeline = transformers.pipeline("image-classification", model=str(image_dir), image_processor=processor, device="cpu")
+    with imported(image_model.package) as package:
+        result = package.predict(batch)
+        one = package.predict(Image.fromarray(batch[1]))
+        same_size = package.predict([Image.fromarray(image) for image in batch])
+        assert package.predict(batch[:0])["scores"].shape == (0, 3)
+        manifest = package.info()
+    np.testing.assert_allclose(result["scores"], expected, atol=1e-5)
+    assert list(result["label"]) == [KINDS[i] for i in expected.argmax(-1)]
+    theirs = {entry["label"]: entry["score"] for entry in pipeline(Image.fromarray(batch[1]), top_k=None)}
+    np.testing.assert_allclose(one["scores"], [theirs[name] for name in KINDS.values()], atol=1e-5)
+    np.testing.assert_allclose(same_size["scores"], result["scores"], atol=1e-6)
+    assert manifest["inputs"] == [{"name": "image", "dtype": "uint8", "shape": [-1, -1, -1, 3], "kind": "image"}]
+    with zipfile.ZipFile(image_model.wheel) as archive:
+        requires = HeaderParser().parsestr(archive.read("my_images-0.1.0.dist-info/METADATA").decode()).get_all("Requires-Dist")
+        names = set(archive.namelist())
+    assert "pillow>=10.0.1" in requires  # the lower bound of transformers' own, normalised
+    assert {"my_images/model/preprocessor_config.json", "my_images/model/config.json"} <= names
+
+
+def test_task_feature_extraction_embeds_with_a_classifier_s_encoder(tagger_dir, tmp_path, capsys):
+    wrap_to_project(capsys, tagger_dir, tmp_path, "tagger-embedder", "--task", "feature-extraction")
+    expected = SentenceTransformer(str(tagger_dir), device="cpu").encode(SENTENCES)
+    with imported(tmp_path / "project" / "tagger_embedder") as package:
+        np.testing.assert_allclose(package.predict(SENTENCES), expected, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_tagger_and_image_classifier_installed_in_a_fresh_venv_and_served(tagger_dir, tagger, image_dir, image_model, tmp_path):
+    """Both wheels in one fresh venv, predicted in a new process from an empty directory; the tagger's entities
+    also from nnwheel serve's /predict, as JSON."""
+    env = make_venv(tmp_path / "env")
+    env.pip("install", "--no-deps", str(tagger.wheel), str(image_model.wheel))
+    np.save(tmp_path / "images.npy", images(2))
+    code = (
+        "import json, sys, numpy, my_tagger, my_images; "
+        "json.dump({'entities': my_tagger.predict(json.load(sys.stdin)), "
+        "'scores': my_images.predict(numpy.load('images.npy'))['scores'].tolist()}, sys.stdout)"
+    )
+    (tmp_path / "empty").mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    result = env.run(code, cwd=tmp_path, input=json.dumps(SENTENCES), env={**clean, "HF_HOME": str(tmp_path / "empty")})
+    found = json.loads(result.stdout)
+    assert_same_entities(found["entities"], expected_entities(tagger_dir, SENTENCES))
+    processor = transformers.AutoImageProcessor.from_pretrained(image_dir, backend="pil")
+    with torch.no_grad():
+        model = transformers.ViTForImageClassification.from_pretrained(image_dir).eval()
+        expected = model(**processor(list(images(2)), return_tensors="pt")).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(found["scores"], expected, atol=1e-5)
+    with serving([env.python, "-m", "nnwheel", "serve", "my-tagger"], tmp_path) as server:
+        reply = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[:2]})
+        assert reply.status_code == 200, reply.text
+        assert_same_entities(reply.json()["predictions"], found["entities"][:2])  # padded to another length
+        one = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[0]}).json()["predictions"]
+        assert_same_entities([one], found["entities"][:1])
+
+
+# --- What is refused, each with one clear line -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task, said",
+    [
+        ("text-classification", "is a BertForTokenClassification, which can do token-classification, feature-extraction"),
+        ("image-classification", "which can do token-classification, feature-extraction"),
+    ],
+)
+def test_a_task_the_architecture_cannot_do(tagger_dir, tmp_path, capsys, task, said):
+    line = wrap_fails(capsys, tagger_dir, tmp_path, "--task", task)
+    assert f"--task {task}: " in line and said in line
+
+
+def test_a_task_for_another_format_than_a_directory(tmp_path, capsys):
+    from conftest import EXAMPLE
+
+    line = wrap_fails(capsys, EXAMPLE / "model.pth", tmp_path, "--task", "feature-extraction")
+    assert "--task is for Hugging Face model directories" in line
+
+
+def test_an_image_classifier_without_its_processor(image_dir, tmp_path, capsys):
+    directory = copy_of(image_dir, tmp_path)
+    (directory / "preprocessor_config.json").unlink()
+    assert "has no preprocessor_config.json" in wrap_fails(capsys, directory, tmp_path)
+
+
+def test_an_image_input_that_is_not_uint8_hwc(image_model):
+    with imported(image_model.package) as package:
+        with pytest.raises(ValueError, match="input 'image' has dtype float32, expected uint8"):
+            package.predict(images(1).astype(np.float32))
+        with pytest.raises(ValueError, match=r"input 'image' has shape \(10, 12\), expected"):
+            package.predict(images(1)[0, :, :, 0])
