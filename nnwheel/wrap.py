@@ -72,10 +72,11 @@ def wrap(request: WrapRequest) -> list[Path]:
             tempfile.TemporaryDirectory(prefix="nnwheel-wrap-") as tmp,
             ThreadPoolExecutor(max_workers=1) as background,
         ):
-            # A state_dict is converted: its own sha256 is computed on the second core meanwhile.
+            # Tensors written by nnwheel (a state_dict converted, a directory's cut into parts): the sha256 of
+            # the file they came from is computed on the second core meanwhile.
             checkpoint_sha256 = None
-            if source.tensors is not None:
-                checkpoint_sha256 = background.submit(sha256_of, source.checkpoint.path, progress=False).result
+            if any(wheel.tensors is not None for wheel in plan.wheels):
+                checkpoint_sha256 = background.submit(sha256_of, source.converted_file, progress=False).result
             projects = [lay_out(wheel, Path(tmp) / wheel.names.distribution) for wheel in plan.wheels]
             with Trial(projects[-1].package, source, example) as trial:
                 complete = partial(complete_package, plan, projects, trial, example, checkpoint_sha256)

@@ -7,6 +7,7 @@ and read from pip's own report that only the changed part and the model's wheel 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -285,7 +286,6 @@ def test_an_offline_install_from_pip_download_gets_every_part(devpi, versions, t
 
 
 MAPPED_OR_READ = """
-import importlib
 import json
 from importlib.resources import files
 
@@ -293,9 +293,9 @@ import torch
 from safetensors import safe_open
 
 import wide_model
+from wide_model import _parts
 
 model = wide_model.load()
-_runtime = importlib.import_module("wide_model._runtime")  # the package's attribute _runtime is None until load()
 address = model.middle.weight.data_ptr()
 for line in open("/proc/self/maps"):
     low, high = (int(bound, 16) for bound in line.split()[0].split("-"))
@@ -305,10 +305,10 @@ places = []
 for part in wide_model.info()["parts"]:
     path = files(part["import_name"]).joinpath(part["path"])
     with safe_open(path, framework="pt") as file:
-        places += [_runtime._place(path, name) for name in file.keys() if name.startswith("middle.weight#")]
+        places += [_parts._place(path, name) for name in file.keys() if name.startswith("middle.weight#")]
 places.sort(key=lambda place: int(place[0].split("_weights_")[1].split("/")[0]))
-mapped = torch.frombuffer(_runtime._mapped(places), dtype=torch.uint8)
-read = torch.frombuffer(_runtime._read(places), dtype=torch.uint8)
+mapped = torch.frombuffer(_parts._mapped(places), dtype=torch.uint8)
+read = torch.frombuffer(_parts._read(places), dtype=torch.uint8)
 print(json.dumps([mapping, len(places), torch.equal(mapped, read),
                   torch.equal(read.view(torch.float32).reshape(600, 600), model.middle.weight)]))
 """
@@ -322,3 +322,76 @@ def test_a_tensor_in_pieces_is_mapped_from_the_parts_not_copied(versions, tmp_pa
     mapping, pieces, same, loaded = json.loads(env.run(MAPPED_OR_READ).stdout)
     assert mapping.endswith("/part.safetensors") and "wide_model_weights_" in mapping
     assert pieces == 2 and same and loaded
+
+
+@pytest.fixture(scope="module")
+def bert_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny BERT classifier, saved whole and in shards, whose feed-forward weights (256 KiB each) are larger
+    than a part at 300KB: they are cut into pieces."""
+    import test_formats_huggingface as hf  # here: it imports transformers and sentence-transformers
+    import transformers
+
+    settings = hf.config(id2label=hf.LABELS)
+    settings.intermediate_size = 2048
+    model = transformers.BertForSequenceClassification(settings)
+    work = tmp_path_factory.mktemp("hf")
+    hf.saved(model, work / "bert")
+    model.save_pretrained(work / "sharded", max_shard_size="200KB")
+    transformers.AutoTokenizer.from_pretrained(work / "bert").save_pretrained(work / "sharded")
+    return work / "bert", work / "sharded"
+
+
+PREDICT_TEXTS = """
+import json, split_bert
+scores = split_bert.predict({texts!r})["scores"]
+split_bert.verify()
+address = split_bert.load().model.bert.encoder.layer[0].intermediate.dense.weight.data_ptr()
+mapping = next(line.split()[-1] for line in open("/proc/self/maps")
+               if int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16))
+print(json.dumps([scores.tolist(), mapping]))
+"""
+
+
+@pytest.mark.e2e
+def test_a_hugging_face_directory_is_cut_into_parts_that_pip_installs(devpi, bert_dirs, tmp_path, capsys):
+    import test_formats_huggingface as hf
+    import transformers
+
+    from nnwheel.cli import main
+
+    whole, sharded = bert_dirs
+    wheels = {}
+    for version, directory in (("0.1.0", whole), ("0.2.0", sharded)):  # in this process, which has transformers
+        code = main(["wrap", str(directory), "--name", "split-bert", "--version", version, "--max-file-size", "300KB",
+                     "--out", str(tmp_path / version)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        wheels[version] = [Path(line) for line in captured.out.split()]
+    *parts, model = wheels["0.1.0"]
+    assert len(parts) >= 2 and all(wheel.stat().st_size <= 300_000 for wheel in wheels["0.1.0"])
+    with zipfile.ZipFile(model) as archive:
+        assert not [name for name in archive.namelist() if name.endswith(".safetensors")]
+        manifest = json.loads(archive.read("split_bert/nnwheel.json"))
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in manifest["split_tensors"]
+    assert manifest["source"]["sha256"] == hashlib.sha256((whole / "model.safetensors").read_bytes()).hexdigest()
+    # The same tensors saved in shards make the same parts: only the model's wheel is new.
+    assert [w.name for w in wheels["0.2.0"][:-1]] == [w.name for w in parts]
+
+    index = devpi.create_index()
+    credentials = ["--index", index.url, "--user", index.user, "--password", index.password]
+    nnwheel("publish", *map(str, wheels["0.1.0"]), *wheels["0.2.0"][-1:], *credentials)
+    env = make_resolving_venv(tmp_path / "venv")
+    env.pip("install", "--index-url", index.simple_url, "split-bert==0.1.0")
+    reference = transformers.BertForSequenceClassification.from_pretrained(whole).eval()
+    tokens = transformers.AutoTokenizer.from_pretrained(whole)(hf.TEXTS, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**tokens).logits.softmax(-1).numpy()
+    scores, mapping = json.loads(env.run(PREDICT_TEXTS.format(texts=hf.TEXTS)).stdout)
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert mapping.endswith("/part.safetensors") and "split_bert_weights_" in mapping, "mapped from a part, not copied"
+
+    env.pip("install", "--upgrade", "--index-url", index.simple_url, "--report", str(tmp_path / "report.json"), "split-bert")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [item["download_info"]["url"].rsplit("/", 1)[-1] for item in report["install"]] == [wheels["0.2.0"][-1].name]
+    scores, _ = json.loads(env.run(PREDICT_TEXTS.format(texts=hf.TEXTS)).stdout)
+    np.testing.assert_allclose(scores, expected, atol=1e-6)

@@ -70,8 +70,10 @@ def complete_package(
     if source.outputs is None:
         manifest = _with_outputs(manifest, source, projects, trial, example)
         write_manifest(project.package, manifest)
-    elif source.run_at_wrap:
-        real_run(project.package, example or zeros_for(manifest), origin=_origin(source))  # proof that it runs
+    elif source.run_at_wrap:  # proof that it runs, on the real weights (a Hugging Face model's may be in parts)
+        for each in projects:
+            each.write_tensors()
+        real_run(project.package, example or zeros_for(manifest), [part.root for part in projects[:-1]], _origin(source))
     if processing is not None:
         check_labels(manifest, processing)
         for each in projects:

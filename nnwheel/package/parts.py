@@ -46,7 +46,7 @@ class Piece:
             return tensor
         size = self.end - self.start
         if isinstance(tensor, StoredTensor):
-            return StoredTensor("uint8", (size,), tensor.offset + self.start, size)
+            return StoredTensor("uint8", (size,), tensor.offset + self.start, size, tensor.file)
         return MemoryTensor("uint8", (size,), size, bytes(tensor.data()[self.start : self.end]))
 
 

@@ -101,7 +101,7 @@ def plan_package(
         notes.warning(
             "%s (%s) goes into the wheel as it is and cannot be split: the wheel is over --max-file-size "
             "(PyPI refuses it unless the project has a larger limit). Weight parts are made for state_dict "
-            "and safetensors checkpoints wrapped with their --arch class",
+            "and safetensors checkpoints wrapped with their --arch class, and Hugging Face directories",
             source.checkpoint.path, source.checkpoint.format.value,
         )
     if len(cuts) < 2:
@@ -127,12 +127,18 @@ def _model_wheel(
         *(PlannedFile(f"{package}/_arch/{name}", content) for name, content in arch_files),
         *(PlannedFile(f"{package}/_functions/{name}", content) for name, content in function_files(processing)),
         *(PlannedFile(f"{package}/assets/{name}", path) for name, path in asset_files(processing)),
-        *(PlannedFile(f"{package}/{file.name}", file) for file in source.files),
+        *(PlannedFile(f"{package}/{file.name}", file) for file in _files_as_they_are(source, bool(parts))),
     ]
-    if source.tensors is not None and not parts:
+    if source.tensors is not None and not parts and not source.listed_files:
         files.append(PlannedFile(f"{package}/{TENSORS_FILE}", TensorFile(source.tensors, source.checkpoint.path)))
     files.append(PlannedFile(f"{package}/{MANIFEST_FILE}", None))
     return WheelPlan(names, version, metadata, tuple(files))
+
+
+def _files_as_they_are(source: ModelSource, split: bool) -> tuple[ProgramFile, ...]:
+    """The source's files; where its tensors are cut into parts, less the files that held them (a directory's
+    model.safetensors), which the parts replace."""
+    return tuple(file for file in source.files if not split or file.name not in source.listed_files)
 
 
 def _part_wheel(

@@ -15,6 +15,8 @@ TEMPLATE_DIR = next(p for p in (_NNWHEEL / "template", _NNWHEEL.parent / "templa
 
 # Files of template/package/ every model package gets, and the runtime module chosen by the manifest.
 _PACKAGE_FILES = ("__init__.py", "__main__.py", "_schema.py", "batch.py")
+# What a runtime module imports besides: the loader of weight parts, for the runtimes whose weights can be split.
+_RUNTIME_FILES = {"torch": ("_parts.py",), "transformers": ("_parts.py",)}
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ def package_code(runtime: str, processing: bool = False) -> list[tuple[str, Path
     """The template's code every model package gets, with the runtime module it needs, and where predict() does
     more than run the model (--preprocess, --labels, --postprocess), what does it: (name, template file)."""
     source = TEMPLATE_DIR / "package"
-    names = [*_PACKAGE_FILES, "_processing.py"] if processing else _PACKAGE_FILES
+    names = [*_PACKAGE_FILES, *_RUNTIME_FILES.get(runtime, ()), *(["_processing.py"] if processing else [])]
     return [(name, source / name) for name in names] + [("_runtime.py", source / f"_runtime_{runtime}.py")]
 
 

@@ -47,12 +47,16 @@ class Trial:
         return Fit.as_listed(self._source.tensors) if self.fits_in_child and not wait else self.fit()
 
     def fit(self) -> Fit:
-        """The tensors' fit to their class; raises what does not fit."""
-        assert self._source.tensors is not None and self._source.arch is not None
+        """The tensors' fit to their class; raises what does not fit. A Hugging Face directory's tensors have no
+        --arch class: transformers builds the model from its config and takes them by their names, as listed."""
+        assert self._source.tensors is not None
+        if self._fit is None and self._source.arch is None:
+            self._fit = Fit.as_listed(self._source.tensors)
         if self._fit is None and self.fits_in_child:
             assert self._meta_run is not None
             self._fit = self._meta_run.fit()  # None where the child died: made here then
         if self._fit is None:
+            assert self._source.arch is not None
             self._fit = fit_arch(self._package / "_arch", self._source.arch, self._source.tensors)
         return self._fit
 

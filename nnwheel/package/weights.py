@@ -44,7 +44,7 @@ class SafetensorsLayout:
         yield memoryview(self._head)
         for _, tensor in self._ordered:
             if isinstance(tensor, StoredTensor):
-                yield from mapped_chunks(self._source, tensor.offset, tensor.size)
+                yield from mapped_chunks(tensor.file or self._source, tensor.offset, tensor.size)
             else:
                 yield from _slices(tensor.data(), _CHUNK_BYTES)
 

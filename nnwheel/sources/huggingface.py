@@ -26,6 +26,8 @@ from ..schema import OutputSchema, TensorSpec
 from .checkpoint import Checkpoint
 from .huggingface_tasks import IMAGE_TASK, check_image_processor, chosen_task
 from .source import ModelSource, ProgramFile, SourceOptions
+from .tensor_table import read_safetensors_files
+from .tensors import TensorListing
 from .versions import installed_minor
 
 MODEL_DIR = "model"  # the directory's files, inside the package
@@ -53,13 +55,21 @@ def read_huggingface(checkpoint: Checkpoint, options: SourceOptions) -> ModelSou
     task = _task(directory, config, options.task)
     requirements = _requirements(task)
     outputs = _outputs(directory, config, task)
-    files = (*_weights(directory), *_model_files(directory, task))
+    weights = _weights(directory)
+    files = (*weights, *_model_files(directory, task))
+    tensors = _tensors(weights)
     card, license = _model_card(directory / "README.md")
     inputs = (_IMAGES if task == IMAGE_TASK else _TEXT,)
     return ModelSource(
         checkpoint, "transformers", requirements, inputs, files=files, outputs=outputs, model_card=card,
-        license=license,
+        license=license, tensors=tensors, listed_files=tuple(file.name for file in weights) if tensors else (),
     )
+
+
+def _tensors(weights: list[ProgramFile]) -> TensorListing | None:
+    """The safetensors files' tensors, listed without torch: the plan cuts them into weight parts where they
+    exceed --max-file-size. None where a file is not plain (it then goes in as it is)."""
+    return read_safetensors_files([file.path for file in weights if file.path.suffix == ".safetensors"])
 
 
 def _model_card(path: Path) -> tuple[str | None, str | None]:

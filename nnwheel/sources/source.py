@@ -62,6 +62,9 @@ class ModelSource:
     inputs: tuple[TensorSpec, ...]  # empty for Keras: read once the runtime has loaded the model
     files: tuple[ProgramFile, ...] = ()  # programs (torch.export, TorchScript, ONNX, Keras), as they are
     tensors: TensorListing | None = None  # weights-only formats: fitted to `arch`, written as safetensors
+    # The files (names in `files`) that `tensors` lists, where they go in as they are unless the plan cuts them
+    # into weight parts (a Hugging Face directory's model.safetensors, or its shards and their index).
+    listed_files: tuple[str, ...] = ()
     arch: ArchSpec | None = None
     outputs: OutputSchema | None = None  # where the file tells them; otherwise the trial run finds them
     run_at_wrap: bool = True  # False for a large program whose file gives its outputs: it is not loaded at all
@@ -73,7 +76,15 @@ class ModelSource:
 
     @property
     def weights_size(self) -> int:
-        return sum(file.path.stat().st_size for file in self.files) + sum(t.size for t in (self.tensors or {}).values())
+        files = sum(file.path.stat().st_size for file in self.files)
+        return files if self.listed_files else files + sum(t.size for t in (self.tensors or {}).values())
+
+    @property
+    def converted_file(self) -> Path:
+        """The file whose sha256 the manifest records when nnwheel writes the tensors: the checkpoint, or the first
+        of listed_files, which a wheel holding them as they are records too."""
+        named = {file.name: file.path for file in self.files}
+        return named[self.listed_files[0]] if self.listed_files else self.checkpoint.path
 
 
 def declared_inputs(checkpoint: Checkpoint, options: SourceOptions) -> tuple[TensorSpec, ...]:

@@ -22,8 +22,8 @@ import pickle
 import struct
 import sys
 import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,6 +55,21 @@ def read_tensor_table(checkpoint: Checkpoint) -> dict[str, StoredTensor] | None:
     except Exception:  # whatever is wrong with the file, torch.load reads it and says what
         return None
     return None
+
+
+def read_safetensors_files(paths: Sequence[Path]) -> dict[str, StoredTensor] | None:
+    """The tensors of a model directory's safetensors files (model.safetensors, or its shards), each naming its
+    file; None where one is not plain, or two hold a tensor of the same name."""
+    table: dict[str, StoredTensor] = {}
+    for path in paths:
+        try:
+            listed = _safetensors_table(path)
+        except Exception:  # an unknown dtype, a damaged header: the file goes in as it is
+            return None
+        if listed is None or table.keys() & listed.keys():
+            return None
+        table.update({name: replace(tensor, file=path) for name, tensor in listed.items()})
+    return table
 
 
 def _safetensors_table(path: Path) -> dict[str, StoredTensor] | None:

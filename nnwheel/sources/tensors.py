@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -18,6 +19,7 @@ class StoredTensor:
     shape: tuple[int, ...]
     offset: int  # of its first byte in the checkpoint file
     size: int  # in bytes
+    file: Path | None = None  # where not the checkpoint itself: one of a model directory's safetensors files
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import json
-import mmap
-import os
 import sys
-from importlib.resources import as_file, files
+from importlib.resources import as_file
 from typing import TYPE_CHECKING, Any
 
 import numpy
 import torch
+
+from . import _parts
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; the package runs on 3.9 too
     from importlib.resources.abc import Traversable
@@ -24,7 +23,6 @@ _CPU = torch.device("cpu")
 # torch.inference_mode() spends about 2 us of Python on each use around this C++ guard, which is all it
 # enters; take the guard itself where this torch has it, as a small model's forward pass is only ~40 us.
 _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
-_MAP_FIXED = 0x10  # the same on Linux and macOS; Python's mmap module does not name it
 
 
 def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> Any:
@@ -76,78 +74,9 @@ def _build_from_state_dict(manifest: dict[str, Any], package_files: Traversable,
 
 
 def _tensors(manifest: dict[str, Any], package_files: Traversable, device: str) -> dict[str, torch.Tensor]:
-    """The state_dict's tensors, memory-mapped, from the package's safetensors file or from its weight parts'
-    (packages of their own, found through importlib); a tensor larger than a part joined from its pieces."""
-    from safetensors import safe_open
-
-    sources = [package_files.joinpath(entry["path"]) for entry in manifest["weights"]]
-    sources += [files(part["import_name"]).joinpath(part["path"]) for part in manifest["parts"]]
-    split = manifest["split_tensors"]
-    pieces = {f"{name}#{index}" for name, tensor in split.items() for index in range(tensor["pieces"])}
-    tensors, found = {}, {}
-    for source in sources:
-        with as_file(source) as path, safe_open(path, framework="pt", device=device) as file:
-            for name in file.keys():
-                if name in pieces:
-                    found[name] = _place(path, name)
-                else:
-                    tensors[name] = file.get_tensor(name)
-    for name, tensor in split.items():
-        places = [found[f"{name}#{index}"] for index in range(tensor["pieces"])]
-        memory = _mapped(places)
-        if memory is None:
-            memory = _read(places)
-        dtype = getattr(torch, tensor["dtype"])
-        tensors[name] = torch.frombuffer(memory, dtype=torch.uint8).view(dtype).reshape(tensor["shape"]).to(device)
-    return tensors
-
-
-def _place(path: Any, name: str) -> tuple[str, int, int]:
-    """Where the tensor `name` is in a safetensors file: (path, offset, size)."""
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        begin, end = json.loads(file.read(header_size))[name]["data_offsets"]
-    return str(path), 8 + header_size + begin, end - begin
-
-
-def _mapped(places: list[tuple[str, int, int]]) -> Any:
-    """The pieces mapped side by side into one range of memory, copy-on-write as safetensors maps a file: no
-    copy, no more memory than one file's tensors. None where this system or the pieces' alignment (nnwheel
-    writes them page-aligned) does not allow it."""
-    if os.name != "posix" or not all(offset % mmap.PAGESIZE == 0 for _, offset, _ in places) or any(
-        size % mmap.PAGESIZE for _, _, size in places[:-1]
-    ):
-        return None
-    import ctypes  # here: only a model with tensors larger than a part needs it
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
-    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    total = sum(size for _, _, size in places)
-    access = mmap.PROT_READ | mmap.PROT_WRITE
-    base = libc.mmap(None, total, access, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserves the range
-    if base is None or base == ctypes.c_void_p(-1).value:
-        return None
-    start = base
-    for path, offset, size in places:
-        with open(path, "rb") as file:  # the mapping outlives the file's descriptor
-            if libc.mmap(start, size, access, mmap.MAP_PRIVATE | _MAP_FIXED, file.fileno(), offset) != start:
-                libc.munmap(base, total)
-                return None
-        start += size
-    return (ctypes.c_uint8 * total).from_address(base)  # never unmapped: the weights live as long as the model
-
-
-def _read(places: list[tuple[str, int, int]]) -> bytearray:
-    """The pieces read, in order, into memory of their own."""
-    memory = bytearray(sum(size for _, _, size in places))
-    view, start = memoryview(memory), 0
-    for path, offset, size in places:
-        with open(path, "rb") as file:
-            file.seek(offset)
-            start += file.readinto(view[start : start + size])
-    return memory
+    """The state_dict's tensors, memory-mapped, from the package's safetensors file or its weight parts'."""
+    own = [package_files.joinpath(entry["path"]) for entry in manifest["weights"]]
+    return _parts.tensors([*own, *_parts.part_files(manifest)], manifest["split_tensors"], device)
 
 
 def _import_class(package_files: Traversable, arch: dict[str, Any]) -> type:

@@ -26,6 +26,8 @@ import numpy  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from . import _parts  # noqa: E402
+
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; the package runs on 3.9 too
     from importlib.resources.abc import Traversable
 
@@ -59,7 +61,7 @@ def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> T
             tokenizer = transformers.AutoImageProcessor.from_pretrained(directory, local_files_only=True, backend="pil")
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **pipeline["tokenizer"])
-        model = auto.from_pretrained(directory, local_files_only=True).to(device).eval()
+        model = _pretrained(auto, directory, manifest).to(device).eval()
     max_length = pipeline["max_length"] or min(
         getattr(tokenizer, "model_max_length", 0), getattr(model.config, "max_position_embeddings", 0)
     )
@@ -73,6 +75,16 @@ def _task(manifest: dict[str, Any]) -> str:
         return "image-classification"
     kind = manifest["outputs"][0].get("kind")
     return {"label": "text-classification", "json": "token-classification"}.get(kind, "feature-extraction")
+
+
+def _pretrained(auto: Any, directory: Any, manifest: dict[str, Any]) -> Any:
+    """The model from the directory's config and weights; from its weight parts' tensors where wrap cut them
+    into parts (memory-mapped, as from_pretrained maps model.safetensors)."""
+    if not manifest["parts"]:
+        return auto.from_pretrained(directory, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    tensors = _parts.tensors(_parts.part_files(manifest), manifest["split_tensors"], "cpu")
+    return auto._model_mapping[type(config)].from_pretrained(None, config=config, state_dict=tensors)
 
 
 @contextlib.contextmanager
