@@ -119,6 +119,8 @@ def _add_wrap(commands: argparse._SubParsersAction) -> None:
     hub = wrap.add_argument_group("Hugging Face model directories")
     hub.add_argument("--task", choices=TASKS, help="what predict() does, instead of what config.json's architecture "
                      "implies (a classifier can embed too, with its encoder)")
+    hub.add_argument("--trust-remote-code", action="store_true", help="ship the code that comes with the directory "
+                     "(config.json's auto_map) in the package, and run it there and at wrap time; read it first")
     meta = wrap.add_argument_group("package metadata")
     meta.add_argument("--requires", action="append", default=[], metavar="REQ", help="extra pip requirement (repeatable)")
     meta.add_argument("--readme", type=Path, metavar="FILE", help="model card (Markdown) for the package description")
@@ -172,6 +174,7 @@ def _run_wrap(args: argparse.Namespace) -> None:
         max_file_size=parse_max_file_size(args.max_file_size),
         processing=processing,
         task=args.task,
+        trust_remote_code=args.trust_remote_code,
     )
     with _notes_on_stderr(logging.getLogger("nnwheel.wrap")):
         for wheel in wrap(request):  # the model's own wheel last

@@ -54,6 +54,7 @@ class WrapRequest:
     max_file_size: int | None = None  # bytes per wheel file; larger weights are split into part wheels
     processing: ProcessingSpec | None = None  # --preprocess, --postprocess, --labels, --asset
     task: str | None = None  # --task, for a Hugging Face directory
+    trust_remote_code: bool = False  # a Hugging Face directory's own code goes into the package, and runs
 
 
 def wrap(request: WrapRequest) -> list[Path]:
@@ -104,7 +105,8 @@ def _read_source(request: WrapRequest) -> tuple[ModelSource, list | None]:
     _check_source_dir(request.source_dir)
     example = load_example(request.example) if request.example else None
     options = SourceOptions(
-        request.arch, request.state_dict_key, request.strip_prefix, request.input_specs, example, task=request.task
+        request.arch, request.state_dict_key, request.strip_prefix, request.input_specs, example, task=request.task,
+        trust_remote_code=request.trust_remote_code,
     )
     source = read_source(checkpoint, options)
     return _with_processing(source, request.processing, request.to), example

@@ -186,6 +186,12 @@ def tagger_config(w: World) -> None:
     (w.dir / "tagger" / "config.json").write_text(json.dumps({"architectures": ["BertForTokenClassification"], "model_type": "bert"}))
 
 
+def own_code_config(w: World) -> None:
+    """A config.json whose auto_map names code that comes with the directory (trust_remote_code)."""
+    (w.dir / "own").mkdir()
+    (w.dir / "own" / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoModel": "modeling_mine.Mine"}}))
+
+
 def broken_arch(w: World) -> None:
     (w.dir / "broken.py").write_text("import torch\nclass Net(torch.nn.Module:\n    pass\n")
 
@@ -363,6 +369,8 @@ CASES = [
     Case("wrap/huggingface-config-not-json", "wrap hf --name digits-x", 1, "save the model again", (bad_hf_dir,)),
     Case("wrap/huggingface-task-the-model-cannot-do", "wrap tagger --name digits-x --task image-classification", 2,
          "which can do token-classification, feature-extraction", (tagger_config,)),
+    Case("wrap/huggingface-remote-code-without-the-flag", "wrap own --name digits-x", 1, "wrap with --trust-remote-code",
+         (own_code_config,)),
     Case("wrap/task-for-a-state-dict", wrap("--task feature-extraction"), 2, "--task is for Hugging Face model directories",
          CKPT),
     # --- wrap: names, versions, metadata ----------------------------------------------------------------

@@ -243,7 +243,10 @@ def test_remote_code_is_refused(classifier_dir, tmp_path, capsys):
     settings["auto_map"] = {"AutoModel": "modeling_mine.MyModel"}
     (directory / "config.json").write_text(json.dumps(settings))
     line = wrap_fails(capsys, directory, tmp_path)
-    assert "has auto_map" in line and "trust_remote_code" in line and "never runs code" in line
+    assert "has auto_map" in line and "trust_remote_code" in line and "wrap with --trust-remote-code" in line
+    (directory / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_mine.Mine", None]}}))
+    line = wrap_fails(capsys, directory, tmp_path, "--trust-remote-code")
+    assert "tokenizer_config.json has auto_map" in line and "even with --trust-remote-code" in line
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,12 @@ through the image processor's PIL class, and --task. Tiny models built here from
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
+import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from email.parser import HeaderParser
@@ -19,7 +22,7 @@ import pytest
 import torch
 from conftest import make_venv, serving
 from PIL import Image
-from test_formats_huggingface import CORPUS, config, copy_of, saved, wrap_fails, wrap_to_project
+from test_formats_huggingface import CORPUS, LABELS, config, copy_of, saved, tokenizer, wrap_fails, wrap_to_project
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,6 +37,21 @@ ENTITIES = {0: "O", 1: "B-FILM", 2: "I-FILM", 3: "B-MOOD", 4: "I-MOOD"}
 # Known words, a word the tokenizer has never seen (its [UNK] is named by the text), one cut at 48 tokens, none.
 SENTENCES = [*CORPUS[:4], "great Ünïcödé film", "dull " * 60, ""]
 KINDS = {0: "cat", 1: "dog", 2: "bird"}
+# A model whose code comes with its directory (trust_remote_code): BERT's classifier, its logits doubled.
+OWN_CONFIG = "from transformers import BertConfig\n\n\nclass MineConfig(BertConfig):\n    model_type = 'mine'\n"
+OWN_MODEL = """from transformers import BertForSequenceClassification
+
+from .configuration_mine import MineConfig
+
+
+class MineForSequenceClassification(BertForSequenceClassification):
+    config_class = MineConfig
+
+    def forward(self, **inputs):
+        output = super().forward(**inputs)
+        output.logits = output.logits * 2
+        return output
+"""
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +79,11 @@ class Wrapped:
     package: Path  # the project's package, from --source-dir, which imported() imports
 
 
-def wrapped(directory: Path, work: Path, name: str) -> Wrapped:
+def wrapped(directory: Path, work: Path, name: str, *extra: str) -> Wrapped:
     """wrap in this process (each test module's fixtures wrap once: the fresh venv installs the same wheel)."""
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        code = main(["wrap", str(directory), "--name", name, "--out", str(work / "dist"), "--source-dir", str(work / "project")])
+        code = main(["wrap", str(directory), "--name", name, "--out", str(work / "dist"), "--source-dir",
+                     str(work / "project"), *extra])
     assert code == 0
     return Wrapped(Path(out.getvalue().strip().splitlines()[-1]), work / "project" / name.replace("-", "_"))
 
@@ -77,6 +96,43 @@ def tagger(tagger_dir, tmp_path_factory) -> Wrapped:
 @pytest.fixture(scope="module")
 def image_model(image_dir, tmp_path_factory) -> Wrapped:
     return wrapped(image_dir, tmp_path_factory.mktemp("images"), "my-images")
+
+
+@pytest.fixture(scope="module")
+def own_code_dir(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """The directory, and its model as built here from the same code (imported as a package of the test's own)."""
+    work = tmp_path_factory.mktemp("own-code")
+    code = work / "mine_code"
+    code.mkdir()
+    (code / "__init__.py").write_text("")
+    (code / "configuration_mine.py").write_text(OWN_CONFIG)
+    (code / "modeling_mine.py").write_text(OWN_MODEL)
+    sys.path.insert(0, str(work))
+    try:
+        modeling = importlib.import_module("mine_code.modeling_mine")
+    finally:
+        sys.path.remove(str(work))
+    torch.manual_seed(0)
+    settings = modeling.MineConfig(**config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()}).to_dict())
+    settings.auto_map = {"AutoConfig": "configuration_mine.MineConfig",
+                         "AutoModelForSequenceClassification": "modeling_mine.MineForSequenceClassification"}
+    directory = work / "mine"
+    modeling.MineForSequenceClassification(settings).save_pretrained(directory)
+    tokenizer().save_pretrained(directory)
+    for name in ("configuration_mine.py", "modeling_mine.py"):
+        shutil.copy(code / name, directory / name)
+    return directory, modeling.MineForSequenceClassification.from_pretrained(directory).eval()  # as transformers loads it
+
+
+@pytest.fixture(scope="module")
+def own(own_code_dir, tmp_path_factory) -> Wrapped:
+    return wrapped(own_code_dir[0], tmp_path_factory.mktemp("own"), "my-own", "--trust-remote-code")
+
+
+def own_scores(directory: Path, model: torch.nn.Module, texts: list[str]) -> np.ndarray:
+    with torch.no_grad():
+        features = transformers.AutoTokenizer.from_pretrained(directory)(texts, padding=True, truncation=True, return_tensors="pt")
+        return model(**features).logits.softmax(-1).numpy()
 
 
 def images(count: int, size: tuple[int, int] = (10, 12)) -> np.ndarray:
@@ -145,15 +201,16 @@ def test_task_feature_extraction_embeds_with_a_classifier_s_encoder(tagger_dir, 
 
 
 @pytest.mark.e2e
-def test_tagger_and_image_classifier_installed_in_a_fresh_venv_and_served(tagger_dir, tagger, image_dir, image_model, tmp_path):
-    """Both wheels in one fresh venv, predicted in a new process from an empty directory; the tagger's entities
-    also from nnwheel serve's /predict, as JSON."""
+def test_the_tasks_installed_in_a_fresh_venv_and_served(tagger_dir, tagger, image_dir, image_model, own_code_dir, own, tmp_path):
+    """The tagger, the image classifier and the model with its own code in one fresh venv, predicted in a new
+    process from an empty directory with no Hugging Face cache; the tagger's entities also from nnwheel serve's
+    /predict, as JSON."""
     env = make_venv(tmp_path / "env")
-    env.pip("install", "--no-deps", str(tagger.wheel), str(image_model.wheel))
+    env.pip("install", "--no-deps", str(tagger.wheel), str(image_model.wheel), str(own.wheel))
     np.save(tmp_path / "images.npy", images(2))
     code = (
-        "import json, sys, numpy, my_tagger, my_images; "
-        "json.dump({'entities': my_tagger.predict(json.load(sys.stdin)), "
+        "import json, sys, numpy, my_tagger, my_images, my_own; texts = json.load(sys.stdin); "
+        "json.dump({'entities': my_tagger.predict(texts), 'own': my_own.predict(texts)['scores'].tolist(), "
         "'scores': my_images.predict(numpy.load('images.npy'))['scores'].tolist()}, sys.stdout)"
     )
     (tmp_path / "empty").mkdir()
@@ -166,12 +223,23 @@ def test_tagger_and_image_classifier_installed_in_a_fresh_venv_and_served(tagger
         model = transformers.ViTForImageClassification.from_pretrained(image_dir).eval()
         expected = model(**processor(list(images(2)), return_tensors="pt")).logits.softmax(-1).numpy()
     np.testing.assert_allclose(found["scores"], expected, atol=1e-5)
+    np.testing.assert_allclose(found["own"], own_scores(*own_code_dir, SENTENCES), atol=1e-5)
+    assert not list((tmp_path / "empty").iterdir()), "nothing written to the Hugging Face home, modules included"
     with serving([env.python, "-m", "nnwheel", "serve", "my-tagger"], tmp_path) as server:
         reply = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[:2]})
         assert reply.status_code == 200, reply.text
         assert_same_entities(reply.json()["predictions"], found["entities"][:2])  # padded to another length
         one = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[0]}).json()["predictions"]
         assert_same_entities([one], found["entities"][:1])
+
+
+def test_trust_remote_code_ships_the_directory_s_code_and_runs_it_from_the_package(own_code_dir, own):
+    directory, model = own_code_dir
+    with imported(own.package) as package:
+        np.testing.assert_allclose(package.predict(SENTENCES)["scores"], own_scores(directory, model, SENTENCES), atol=1e-6)
+    with zipfile.ZipFile(own.wheel) as archive:
+        names = set(archive.namelist())
+    assert {"my_own/model/modeling_mine.py", "my_own/model/configuration_mine.py"} <= names
 
 
 # --- What is refused, each with one clear line -------------------------------------------------------------
@@ -194,6 +262,22 @@ def test_a_task_for_another_format_than_a_directory(tmp_path, capsys):
 
     line = wrap_fails(capsys, EXAMPLE / "model.pth", tmp_path, "--task", "feature-extraction")
     assert "--task is for Hugging Face model directories" in line
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"auto_map": {"AutoConfig": "someone/else--configuration_mine.MineConfig"}}, "from another repository"),
+        ({"model_type": "bert"}, "model_type 'bert' is one transformers defines"),
+        ({"auto_map": {"AutoConfig": "configuration_mine.MineConfig"}}, "has no AutoModelForSequenceClassification"),
+        ({"auto_map": {"AutoConfig": "nowhere.MineConfig"}}, "names nowhere, which"),
+    ],
+)
+def test_remote_code_the_package_could_not_run_from_its_own_files(own_code_dir, tmp_path, capsys, change, said):
+    directory = copy_of(own_code_dir[0], tmp_path)
+    settings = {**json.loads((directory / "config.json").read_text()), **change}
+    (directory / "config.json").write_text(json.dumps(settings))
+    assert said in wrap_fails(capsys, directory, tmp_path, "--trust-remote-code")
 
 
 def test_an_image_classifier_without_its_processor(image_dir, tmp_path, capsys):

@@ -30,8 +30,9 @@ _OWN_SCHEMA = (Format.ONNX, Format.KERAS, Format.TORCH_EXPORT, Format.HUGGINGFAC
 
 def read_source(checkpoint: Checkpoint, options: SourceOptions) -> ModelSource:
     path = checkpoint.path
-    if options.task is not None and checkpoint.format is not Format.HUGGINGFACE:
-        raise UsageError(f"--task is for Hugging Face model directories; {path} is a {checkpoint.format.value} file: drop it")
+    if (options.task is not None or options.trust_remote_code) and checkpoint.format is not Format.HUGGINGFACE:
+        option = "--task" if options.task is not None else "--trust-remote-code"
+        raise UsageError(f"{option} is for Hugging Face model directories; {path} is a {checkpoint.format.value} file: drop it")
     if not checkpoint.needs_arch:
         if options.arch is not None:
             raise UsageError(f"{path} is a {checkpoint.format.value} program with its own code; drop --arch")

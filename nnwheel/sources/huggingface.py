@@ -8,7 +8,7 @@ base model (*Model), or a sentence-transformers directory (modules.json), embeds
 runtime pools the token embeddings itself, exactly as sentence-transformers does (so that is not needed to run
 them): the steps it follows (Transformer, Pooling, Normalize; the pooling modes in _POOLING_MODES) are checked
 here, and any other is refused. A config with auto_map names code that comes with the directory
-(trust_remote_code): nnwheel never runs it, and refuses the directory.
+(trust_remote_code): nnwheel refuses it unless wrap is given --trust-remote-code (remote_code.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 from ..schema import OutputSchema, TensorSpec
 from .checkpoint import Checkpoint
 from .huggingface_tasks import IMAGE_TASK, check_image_processor, chosen_task
+from .remote_code import OwnCode, check_task_class, code_files, code_requirements, own_code
 from .source import ModelSource, ProgramFile, SourceOptions
 from .tensor_table import read_safetensors_files
 from .tensors import TensorListing
@@ -51,12 +52,14 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_token
 def read_huggingface(checkpoint: Checkpoint, options: SourceOptions) -> ModelSource:
     directory = checkpoint.path
     config = _read_json(directory / "config.json")
-    _refuse_remote_code(directory, config)
-    task = _task(directory, config, options.task)
+    _refuse_remote_tokenizer(directory)
+    code = own_code(directory, config, options.trust_remote_code)
+    task = _task(directory, config, options.task, code)
     requirements = _requirements(task)
+    requirements += tuple(code_requirements(code, requirements)) if code else ()
     outputs = _outputs(directory, config, task)
     weights = _weights(directory)
-    files = (*weights, *_model_files(directory, task))
+    files = (*weights, *_model_files(directory, task), *(code_files(code, MODEL_DIR) if code else ()))
     tensors = _tensors(weights)
     card, license = _model_card(directory / "README.md")
     inputs = (_IMAGES if task == IMAGE_TASK else _TEXT,)
@@ -106,22 +109,24 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} cannot be read as JSON ({error}); save the model again") from None
 
 
-def _refuse_remote_code(directory: Path, config: dict) -> None:
-    for name in ("config.json", "tokenizer_config.json"):
-        path = directory / name
-        settings = config if name == "config.json" else _read_json(path) if path.is_file() else {}
-        if "auto_map" in settings:
-            raise CheckpointError(
-                f"{path} has auto_map: the model's code comes with the directory (trust_remote_code), and nnwheel "
-                "never runs code from a model directory. Use a model whose architecture transformers itself defines"
-            )
+def _refuse_remote_tokenizer(directory: Path) -> None:
+    """A tokenizer of the directory's own code: --trust-remote-code ships a model's code, not a tokenizer's."""
+    path = directory / "tokenizer_config.json"
+    if path.is_file() and "auto_map" in _read_json(path):
+        raise CheckpointError(
+            f"{path} has auto_map: the tokenizer's code comes with the directory, which nnwheel does not run, even "
+            "with --trust-remote-code; save the model with a tokenizer transformers defines (a fast tokenizer.json)"
+        )
 
 
-def _task(directory: Path, config: dict, requested: str | None) -> str:
+def _task(directory: Path, config: dict, requested: str | None, code: OwnCode | None) -> str:
     architectures = config.get("architectures") or []
     architecture = architectures[0] if architectures else ""
     task = chosen_task(directory / "config.json", architecture, (directory / "modules.json").is_file(), requested)
-    _check_known(config, architecture)
+    if code is None:
+        _check_known(config, architecture)
+    else:
+        check_task_class(directory / "config.json", code, task)
     return task
 
 
@@ -157,6 +162,10 @@ def _check_known(config: dict, architecture: str) -> None:
 def _embedding_size(directory: Path, config: dict) -> int:
     """The size of the embeddings: the hidden size (a plain model is mean-pooled, as SentenceTransformer(directory)
     pools it), times the pooling modes of a sentence-transformers directory, whose steps are checked here."""
+    if not (directory / "modules.json").is_file() and "auto_map" in config:  # its own config class: not run here
+        if not isinstance(config.get("hidden_size"), int):
+            raise CheckpointError(f"{directory / 'config.json'} has no hidden_size, the size of the embeddings it would give")
+        return config["hidden_size"]
     if not (directory / "modules.json").is_file():
         from transformers import AutoConfig  # its hidden_size, whatever the config calls it (DistilBERT: dim)
 

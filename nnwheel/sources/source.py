@@ -33,6 +33,7 @@ class SourceOptions:
     input_specs: tuple[TensorSpec, ...] = ()  # from --input-shape / --input-dtype
     example: list | None = None  # the --example's tensors
     task: str | None = None  # --task: what a Hugging Face directory is packaged for, instead of its config's
+    trust_remote_code: bool = False  # --trust-remote-code: a Hugging Face directory's own code goes in, and runs
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ max_seq_length), computed here: sentence-transformers is not needed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ def load(manifest: dict[str, Any], package_files: Traversable, device: str) -> T
     auto = getattr(transformers, _AUTO_CLASSES[task])
     with as_file(package_files.joinpath("model")) as directory, _quietly():  # installed wheels' files are real files
         pipeline = _sentence_pipeline(directory)
+        _register_own_code(directory, auto)
         if task == "image-classification":
             tokenizer = transformers.AutoImageProcessor.from_pretrained(directory, local_files_only=True, backend="pil")
         else:
@@ -75,6 +77,24 @@ def _task(manifest: dict[str, Any]) -> str:
         return "image-classification"
     kind = manifest["outputs"][0].get("kind")
     return {"label": "text-classification", "json": "token-classification"}.get(kind, "feature-extraction")
+
+
+def _register_own_code(directory: Any, auto: Any) -> None:
+    """A model whose code came with its directory (wrapped with --trust-remote-code; config.json's auto_map names
+    its classes): the classes imported from this package's own model/ folder and registered with transformers,
+    as trust_remote_code=True registers them, but without copying them into the Hugging Face modules cache."""
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if "auto_map" not in config:
+        return
+    package = __name__.rpartition(".")[0]
+
+    def named(reference: str) -> Any:
+        module, _, name = reference.rpartition(".")
+        return getattr(importlib.import_module(f"{package}.model.{module}"), name)
+
+    config_class = named(config["auto_map"]["AutoConfig"])
+    transformers.AutoConfig.register(config["model_type"], config_class, exist_ok=True)
+    auto.register(config_class, named(config["auto_map"][auto.__name__]), exist_ok=True)
 
 
 def _pretrained(auto: Any, directory: Any, manifest: dict[str, Any]) -> Any:
