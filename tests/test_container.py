@@ -59,14 +59,21 @@ def base_image() -> str:
     return made.stdout.strip()
 
 
-def wheelhouse(*requirements: str) -> list[Path]:
-    """Every wheel requirements need on the base image's Linux and Python (this one's, 3.11), downloaded with this
-    machine's pip config (its CPU torch wheel on disk, the rest from PyPI) into a folder kept a day."""
+def wheelhouse(own: Path, model: Path) -> list[Path]:
+    """Every wheel that nnwheel[serve] and the model need on the base image's Linux and Python (this one's, 3.11),
+    torch the CPU build, downloaded with this machine's pip config (its torch wheel on disk, the rest from PyPI)
+    into a folder kept a day. Our two wheels are not kept there: pip would read a kept copy's dependencies."""
     dest = CACHE / f"wheelhouse-{datetime.date.today():%Y%m%d}"
+    ours = [dest / own.name, dest / model.name]
+    for kept in ours:
+        kept.unlink(missing_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "--dest", dest, *requirements],
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:", "--dest", dest, TORCH,
+         f"{own}[serve]", model],
         check=True, capture_output=True,
     )  # fmt: skip
+    for copied in ours:
+        copied.unlink(missing_ok=True)
     return sorted(dest.glob("*.whl"))
 
 
@@ -87,8 +94,7 @@ def image_indexes(devpi: Devpi, digits_wheel: Path, tmp_path_factory: pytest.Tem
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, ROOT],
                    check=True, capture_output=True)  # fmt: skip
     [own] = dist.glob("nnwheel-*.whl")
-    ours = {own.name, digits_wheel.name}
-    wheels = [wheel for wheel in wheelhouse(TORCH, f"{own}[serve]", str(digits_wheel)) if wheel.name not in ours]
+    wheels = wheelhouse(own, digits_wheel)
     deps, torch = devpi.create_index(), devpi.create_index()
     upload(deps, [wheel for wheel in wheels if not wheel.name.startswith("torch-")])
     upload(torch, [wheel for wheel in wheels if wheel.name.startswith("torch-")])
@@ -195,26 +201,31 @@ def unnamed_images() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def in_process(digits_wheel, digits_sample, tmp_path_factory) -> list:
-    """predict() of the same wheel in a fresh venv, as a user of the package calls it."""
+def in_process(digits_wheel, digits_sample, tmp_path_factory) -> np.ndarray:
+    """predict() of the same wheel in a fresh venv, as a user of the package calls it. Its float32 values are
+    compared exactly: JSON may carry each as float32's shortest digits or as the float64 of the same value."""
     env = make_resolving_venv(tmp_path_factory.mktemp("in-process") / "venv")
     env.pip("install", "--no-deps", digits_wheel)
     code = "import json, sys, digits_mlp; print(json.dumps(digits_mlp.predict(json.load(sys.stdin)).tolist()))"
-    return json.loads(env.run(code, input=json.dumps(digits_sample), cwd=env.path).stdout)
+    return np.array(json.loads(env.run(code, input=json.dumps(digits_sample), cwd=env.path).stdout), np.float32)
 
 
 def test_the_built_image_answers_like_predict_in_process(deployed, digits_sample, in_process):
     assert "building digits-mlp:0.1.0 with podman" in deployed.stdout  # docker's client is here, its daemon not
     assert f"ready at {deployed.url}" in deployed.stdout
     reply = httpx.post(f"{deployed.url}/predict", json={"data": digits_sample}, timeout=30)
-    assert reply.status_code == 200 and reply.json()["predictions"] == in_process
+    assert reply.status_code == 200 and same_floats(reply.json()["predictions"], in_process)
 
     flat = np.array(digits_sample, dtype=np.float32).ravel().tolist()
     request = {"inputs": [{"name": "input", "shape": [4, 64], "datatype": "FP32", "data": flat}]}
     infer = httpx.post(f"{deployed.url}/v2/models/digits-mlp/infer", json=request, timeout=30).json()
     [output] = infer["outputs"]
-    assert output["shape"] == [4, 10] and np.array(output["data"]).reshape(4, 10).tolist() == in_process
+    assert output["shape"] == [4, 10] and same_floats(np.reshape(output["data"], (4, 10)), in_process)
     assert engine("healthcheck", "run", deployed.container).returncode == 0  # the Dockerfile's HEALTHCHECK
+
+
+def same_floats(answer, expected: np.ndarray) -> bool:
+    return np.array_equal(np.asarray(answer, np.float32), expected)
 
 
 def test_the_image_is_slim_cpu_only_and_runs_as_non_root(deployed, base_image):
@@ -262,7 +273,7 @@ def test_kube_play_runs_the_deployment_whose_probes_and_published_port_answer(de
             time.sleep(0.2)
         assert probe(url, spec["readinessProbe"]) and probe(url, spec["livenessProbe"])
         reply = httpx.post(f"{url}/predict", json={"data": digits_sample}, timeout=30)
-        assert reply.json()["predictions"] == in_process
+        assert same_floats(reply.json()["predictions"], in_process)
         pods = engine("pod", "ps", "--filter", "name=digits-mlp", "--format", "{{.Name}}").stdout.split()
         container = json.loads(engine("inspect", "digits-mlp-pod-0-model").stdout)[0]
     finally:
