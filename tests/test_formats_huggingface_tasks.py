@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -203,20 +204,31 @@ def test_task_feature_extraction_embeds_with_a_classifier_s_encoder(tagger_dir, 
 @pytest.mark.e2e
 def test_the_tasks_installed_in_a_fresh_venv_and_served(tagger_dir, tagger, image_dir, image_model, own_code_dir, own, tmp_path):
     """The tagger, the image classifier and the model with its own code in one fresh venv, predicted in a new
-    process from an empty directory with no Hugging Face cache; the tagger's entities also from nnwheel serve's
-    /predict, as JSON."""
+    process from an empty directory with no Hugging Face home; the tagger's entities also from nnwheel serve's
+    /predict, as JSON (the server starts while that process runs)."""
     env = make_venv(tmp_path / "env")
     env.pip("install", "--no-deps", str(tagger.wheel), str(image_model.wheel), str(own.wheel))
     np.save(tmp_path / "images.npy", images(2))
     code = (
         "import json, sys, numpy, my_tagger, my_images, my_own; texts = json.load(sys.stdin); "
         "json.dump({'entities': my_tagger.predict(texts), 'own': my_own.predict(texts)['scores'].tolist(), "
-        "'scores': my_images.predict(numpy.load('images.npy'))['scores'].tolist()}, sys.stdout)"
+        f"'scores': my_images.predict(numpy.load({str(tmp_path / 'images.npy')!r}))['scores'].tolist()}}, sys.stdout)"
     )
     (tmp_path / "empty").mkdir()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    result = env.run(code, cwd=tmp_path, input=json.dumps(SENTENCES), env={**clean, "HF_HOME": str(tmp_path / "empty")})
-    found = json.loads(result.stdout)
+    predicting = subprocess.Popen(
+        [env.python, "-P", "-c", code], cwd=tmp_path / "empty", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env={**clean, "HF_HOME": str(tmp_path / "hf-home")},
+    )
+    with serving([env.python, "-m", "nnwheel", "serve", "my-tagger"], tmp_path) as server:
+        output, _ = predicting.communicate(json.dumps(SENTENCES), timeout=300)
+        assert predicting.returncode == 0
+        found = json.loads(output)
+        reply = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[:2]})
+        assert reply.status_code == 200, reply.text
+        assert_same_entities(reply.json()["predictions"], found["entities"][:2])  # padded to another length
+        one = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[0]}).json()["predictions"]
+        assert_same_entities([one], found["entities"][:1])
     assert_same_entities(found["entities"], expected_entities(tagger_dir, SENTENCES))
     processor = transformers.AutoImageProcessor.from_pretrained(image_dir, backend="pil")
     with torch.no_grad():
@@ -224,13 +236,8 @@ def test_the_tasks_installed_in_a_fresh_venv_and_served(tagger_dir, tagger, imag
         expected = model(**processor(list(images(2)), return_tensors="pt")).logits.softmax(-1).numpy()
     np.testing.assert_allclose(found["scores"], expected, atol=1e-5)
     np.testing.assert_allclose(found["own"], own_scores(*own_code_dir, SENTENCES), atol=1e-5)
-    assert not list((tmp_path / "empty").iterdir()), "nothing written to the Hugging Face home, modules included"
-    with serving([env.python, "-m", "nnwheel", "serve", "my-tagger"], tmp_path) as server:
-        reply = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[:2]})
-        assert reply.status_code == 200, reply.text
-        assert_same_entities(reply.json()["predictions"], found["entities"][:2])  # padded to another length
-        one = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[0]}).json()["predictions"]
-        assert_same_entities([one], found["entities"][:1])
+    assert not (tmp_path / "hf-home").exists(), "nothing written to the Hugging Face home, modules included"
+    assert not list((tmp_path / "empty").iterdir())
 
 
 def test_trust_remote_code_ships_the_directory_s_code_and_runs_it_from_the_package(own_code_dir, own):
