@@ -229,6 +229,10 @@ def test_the_tasks_installed_in_a_fresh_venv_and_served(tagger_dir, tagger, imag
         assert_same_entities(reply.json()["predictions"], found["entities"][:2])  # padded to another length
         one = httpx.post(f"{server.url}/predict", json={"data": SENTENCES[0]}).json()["predictions"]
         assert_same_entities([one], found["entities"][:1])
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": SENTENCES[:2]}]}
+        (output,) = httpx.post(f"{server.url}/v2/models/my-tagger/infer", json=body).json()["outputs"]
+        assert output["datatype"] == "BYTES" and output["shape"] == [1]  # one JSON value, as a postprocess's
+        assert_same_entities(json.loads(output["data"][0]), found["entities"][:2])
     assert_same_entities(found["entities"], expected_entities(tagger_dir, SENTENCES))
     processor = transformers.AutoImageProcessor.from_pretrained(image_dir, backend="pil")
     with torch.no_grad():
