@@ -21,6 +21,7 @@ PIP_ENV = {**os.environ, "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSIO
 class Sample:
     seconds: float
     rss_bytes: int
+    cpu_seconds: float = 0.0  # user + system, of the child and what it waited for
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Figure:
 
     def peak_rss(self) -> int:
         return max(s.rss_bytes for s in self.samples)
+
+    def median_cpu(self) -> float:
+        return statistics.median(s.cpu_seconds for s in self.samples)
 
 
 def measure(runs: int, command: list[str], before=None, **kwargs) -> Figure:
@@ -68,7 +72,7 @@ def run_rusage(command: list[str], env: dict | None = None) -> Sample:
         if os.waitstatus_to_exitcode(status):
             err.seek(0)
             raise SystemExit(f"bench: {' '.join(map(str, command))} failed:\n{err.read().decode()[-3000:]}")
-    return Sample(seconds, usage.ru_maxrss * 1024)
+    return Sample(seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
 
 
 def fresh_venv(path: Path) -> Path:
