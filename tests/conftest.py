@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,6 +332,16 @@ def copy_arch(spec, destination: Path) -> None:
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+
+
+def float32_values(value):
+    """JSON values with every float read as the float32 it stands for, to compare what the server writes (each
+    float32 in the fewest digits that read back as it) with what Python's json writes (the float64 it widens to)."""
+    if isinstance(value, dict):
+        return {key: float32_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [float32_values(item) for item in value]
+    return float(np.float32(value)) if isinstance(value, float) else value
 
 
 def the_error(stderr: str) -> str:

@@ -110,6 +110,16 @@ def predict_in_process(env, module: str, data) -> list:
     return json.loads(env.run(code, input=json.dumps(data)).stdout)
 
 
+def same_float32(served, expected) -> bool:
+    """Bit for bit as float32: the server writes each float32 in the fewest digits that read back as it (null
+    for NaN and infinities), predict_in_process as the float64 it widens to."""
+    return np.array_equal(np.asarray(served, np.float32), np.asarray(expected, np.float32), equal_nan=True)
+
+
+def all_same_float32(served: list, expected: list) -> bool:
+    return len(served) == len(expected) and all(map(same_float32, served, expected))
+
+
 def predict_each_in_process(env, module: str, inputs: list) -> list:
     code = f"import json, sys, {module}; print(json.dumps([{module}.predict(x).tolist() for x in json.load(sys.stdin)]))"
     return json.loads(env.run(code, input=json.dumps(inputs)).stdout)
@@ -130,10 +140,10 @@ def metrics(server: Server) -> dict[str, float]:
 def test_predict_round_trip_equals_predict_in_process(env, digits_server, digits_sample):
     reply = httpx.post(f"{digits_server.url}/predict", json={"data": digits_sample})
     assert reply.status_code == 200
-    assert reply.json()["predictions"] == predict_in_process(env, "digits_mlp", digits_sample)
+    assert same_float32(reply.json()["predictions"], predict_in_process(env, "digits_mlp", digits_sample))
 
     one_sample = httpx.post(f"{digits_server.url}/predict", json={"data": digits_sample[0]}).json()["predictions"]
-    assert one_sample == predict_in_process(env, "digits_mlp", digits_sample[0])
+    assert same_float32(one_sample, predict_in_process(env, "digits_mlp", digits_sample[0]))
     assert np.array(one_sample).shape == (10,)
 
 
@@ -159,7 +169,7 @@ def test_open_inference_protocol_endpoints(env, digits_server, digits_sample):
         assert reply["model_name"] == "digits-mlp" and reply["model_version"] == "0.1.0" and reply["id"] == "req-7"
         [output] = reply["outputs"]
         assert output["name"] == "output" and output["datatype"] == "FP32" and output["shape"] == [4, 10]
-        assert np.array(output["data"]).reshape(4, 10).tolist() == predict_in_process(env, "digits_mlp", digits_sample)
+        assert same_float32(np.reshape(output["data"], (4, 10)), predict_in_process(env, "digits_mlp", digits_sample))
 
     nested = {"inputs": [{"name": "input", "shape": [4, 64], "datatype": "FP32", "data": digits_sample}], "outputs": [{"name": "output"}]}
     assert httpx.post(f"{url}/v2/models/digits-mlp/infer", json=nested).json()["outputs"][0]["shape"] == [4, 10]
@@ -252,15 +262,15 @@ def test_nan_and_infinite_outputs_are_answered_as_null_in_strict_json(env, tmp_p
     rows = [[3e38] * 64, with_value([0.0] * 64, 0, 3e38), ROW]  # products past float32: inf - inf is NaN
     expected = predict_in_process(env, "rowwise_model", rows)
     assert any(math.isnan(v) for v in expected[0]) and any(math.isinf(v) for v in expected[1])
-    expected = [[v if math.isfinite(v) else None for v in row] for row in expected]
+    expected = [[v if math.isfinite(v) else math.nan for v in row] for row in expected]  # null in JSON
     with serving(serve_command(env, "rowwise-model"), tmp_path) as server:
         predict = httpx.post(f"{server.url}/predict", json={"data": rows})
         request = {"inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32", "data": rows}]}
         infer = httpx.post(f"{server.url}/v2/models/rowwise-model/infer", json=request)
     assert predict.status_code == infer.status_code == 200
-    assert strict_json(predict.text)["predictions"] == expected
+    assert same_float32(strict_json(predict.text)["predictions"], expected)
     [output] = strict_json(infer.text)["outputs"]
-    assert output["shape"] == [3, 10] and output["data"] == [value for row in expected for value in row]
+    assert output["shape"] == [3, 10] and same_float32(output["data"], np.ravel(expected))
 
 
 def test_streamed_body_over_the_limit_is_refused_without_content_length(digits_server):
@@ -331,7 +341,7 @@ def test_concurrent_requests_are_batched_and_identical_to_single_calls(env, tmp_
     # Bit for bit (JSON carries every float32 exactly): as the same requests sent one at a time, and as
     # predict() called once per request in process.
     assert together[:40] == alone
-    assert together == predict_each_in_process(env, "rowwise_model", [body["data"] for body in bodies])
+    assert all_same_float32(together, predict_each_in_process(env, "rowwise_model", [body["data"] for body in bodies]))
     calls = after["nnwheel_batch_rows_count"] - before["nnwheel_batch_rows_count"]
     rows = after["nnwheel_batch_rows_sum"] - before["nnwheel_batch_rows_sum"]
     assert rows == sum(1 if i % 3 == 0 else len(b["data"]) for i, b in enumerate(bodies))
@@ -397,7 +407,7 @@ def test_sigterm_answers_the_request_in_flight_then_exits_cleanly(env, tmp_path)
         connection.sendall(body[20:])
         head, reply = read_response(connection)
         assert head.startswith(b"HTTP/1.1 200")
-        assert json.loads(reply)["predictions"] == predict_in_process(env, "digits_mlp", ROW)
+        assert same_float32(json.loads(reply)["predictions"], predict_in_process(env, "digits_mlp", ROW))
         assert server.process.wait(60) == 0
     log = server.log.read_text()
     assert "Finished server process" in log and "Traceback" not in log

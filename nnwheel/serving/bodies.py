@@ -4,6 +4,11 @@ Every failure a client causes is raised as RequestFailed and answered with its s
 Numbers are strict both ways: JSON has no NaN or infinities, so a request that sends null, NaN or Infinity
 (tokens Python's json reads, strict parsers do not) for a number is refused with where it was, and a model's
 NaN or infinity is answered as null, which every JSON parser reads.
+
+orjson parses and writes: for a tensor of 8192 floats it takes a sixth of json.loads' time to read and a
+twentieth of tolist() and json.dumps' to write, since it writes numpy arrays from their memory. What it
+refuses (NaN tokens, integers past 64 bits, other encodings than UTF-8) goes to Python's json, which reads
+them, so that the arrays' checks say where the bad number is.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
@@ -29,8 +35,19 @@ class RequestFailed(Exception):
 
 class CompactJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        # Arrays reach here through json_from_array, so a NaN is a bug of the server: a 500, never a NaN token.
-        return json.dumps(content, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return json_bytes(content)
+
+
+def json_bytes(content: Any) -> bytes:
+    """content as compact JSON; numpy arrays and scalars as numbers, NaN and infinities as null."""
+    return orjson.dumps(content, default=_listed, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
+def _listed(value: Any) -> Any:
+    """The arrays orjson does not write itself (not C-contiguous, or of a dtype it does not know), as lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -57,6 +74,10 @@ async def read_body(request: Request, limit: int) -> bytearray:
 
 def parse_json(data: bytes | bytearray, example: str) -> Any:
     """`data` parsed as JSON; `example` says what to send instead."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as error:
@@ -88,13 +109,6 @@ def array_from_json(value: Any, spec: TensorSpec, where: str) -> np.ndarray:
     if array.dtype.kind == "b":
         _refuse_non_numbers(value, spec, where)  # numpy reads null as false and NaN as true
     return array
-
-
-def json_from_array(array: np.ndarray) -> Any:
-    """The array as JSON values: nested lists of numbers, with null for each NaN or infinity."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        return np.where(np.isfinite(array), array.astype(object), None).tolist()
-    return array.tolist()
 
 
 def _leaf_types(value: Any) -> set[type]:

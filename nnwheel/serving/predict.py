@@ -13,11 +13,10 @@ from .bodies import (
     CompactJSONResponse,
     RequestFailed,
     array_from_json,
-    json_from_array,
     parse_json,
 )
 from .model import ServedModel
-from .raw import RAW_KINDS, json_value, raw_from_json, refuse_text
+from .raw import RAW_KINDS, raw_from_json, refuse_text
 from .running import Runner
 
 _EXAMPLE = 'send e.g. {"data": [[0.5, 1.0]]}'
@@ -56,12 +55,10 @@ def _input(value: Any, spec: TensorSpec, place: str) -> Any:
 
 
 def _structured(model: ServedModel, outputs: list[Any]) -> Any:
-    """The outputs as JSON values in the model's own structure: one value, a list, or an object; what a
-    postprocess returned, as JSON."""
-    if model.structure == "json":
-        return json_value(outputs[0])
+    """The outputs in the model's own structure: one value (what a postprocess returned, too), a list, or an
+    object; arrays as they are, which the response writes as nested lists."""
     if model.structure == "dict":
-        return {spec.name: json_from_array(output) for spec, output in zip(model.outputs, outputs)}
+        return {spec.name: output for spec, output in zip(model.outputs, outputs)}
     if model.structure == "tuple":
-        return [json_from_array(output) for output in outputs]
-    return json_from_array(outputs[0])
+        return list(outputs)
+    return outputs[0]

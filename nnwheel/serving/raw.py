@@ -12,7 +12,6 @@ model of text, are refused with what the model takes.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..schema import TensorSpec
-from .bodies import RequestFailed, array_from_json, json_from_array
+from .bodies import RequestFailed, array_from_json, json_bytes
 from .inference import V2_DATATYPES, array_from_buffer
 
 # The kinds of input whose values are not arrays of numbers: predict() takes them as Python values.
@@ -127,25 +126,10 @@ def joined_bytes(strings: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(encoded)) + encoded for encoded in (s.encode("utf-8") for s in strings))
 
 
-def json_value(value: Any) -> Any:
-    """What a postprocess returned, as JSON values: arrays and numpy scalars as lists and numbers, NaN as null."""
-    if isinstance(value, dict):
-        return {str(key): json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_value(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return json_from_array(value)
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def v2_output(spec: TensorSpec, output: Any) -> tuple[str, list[int], list[Any]]:
     """An output as a V2 tensor: (datatype, shape, flat data); text and what a postprocess returned are BYTES."""
     if spec.kind == "json":
-        return "BYTES", [1], [json.dumps(json_value(output), separators=(",", ":"), allow_nan=False)]
+        return "BYTES", [1], [json_bytes(output).decode("utf-8")]
     array = np.asarray(output)
     return "BYTES", list(array.shape), [str(item) for item in array.ravel().tolist()]
 

@@ -8,7 +8,6 @@ parameters.binary_data_output is and the output does not say otherwise; the repl
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -21,7 +20,7 @@ from .bodies import (
     CompactJSONResponse,
     RequestFailed,
     array_from_json,
-    json_from_array,
+    json_bytes,
     parse_json,
 )
 from .inference import (
@@ -166,7 +165,7 @@ def inference_reply(model: ServedModel, inference: Inference, outputs: list[Any]
             data: Any = np.frombuffer(joined_bytes(strings), np.uint8) if inference.outputs[spec.name] else strings
         else:
             tensor = {"name": spec.name, "datatype": v2_datatype(output.dtype.name), "shape": list(output.shape)}
-            data = wire_bytes(output) if inference.outputs[spec.name] else json_from_array(output.ravel())
+            data = wire_bytes(output) if inference.outputs[spec.name] else output.ravel()
         if inference.outputs[spec.name]:
             binary.append(data)
             tensor["parameters"] = {"binary_data_size": data.nbytes}
@@ -179,7 +178,7 @@ def inference_reply(model: ServedModel, inference: Inference, outputs: list[Any]
     reply["outputs"] = described
     if not binary:
         return CompactJSONResponse(reply)
-    header = json.dumps(reply, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    header = json_bytes(reply)
     return Response(
         b"".join([header, *binary]), media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))}
     )
