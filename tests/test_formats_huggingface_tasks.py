@@ -18,11 +18,14 @@ from email.parser import HeaderParser
 from pathlib import Path
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 import torch
 from conftest import make_venv, serving
 from PIL import Image
+from starlette.testclient import TestClient
+from test_openapi import request_schema
 from test_formats_huggingface import CORPUS, LABELS, config, copy_of, saved, tokenizer, wrap_fails, wrap_to_project
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +35,10 @@ import transformers  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from nnwheel.cli import main  # noqa: E402
+from nnwheel.models import describe_wheel  # noqa: E402
 from nnwheel.package.trial import imported  # noqa: E402
+from nnwheel.serving.app import ServeOptions, create_app  # noqa: E402
+from nnwheel.serving.model import ServedModel  # noqa: E402
 
 ENTITIES = {0: "O", 1: "B-FILM", 2: "I-FILM", 3: "B-MOOD", 4: "I-MOOD"}
 # Known words, a word the tokenizer has never seen (its [UNK] is named by the text), one cut at 48 tokens, none.
@@ -72,6 +78,13 @@ def image_dir(tmp_path_factory) -> Path:
     transformers.ViTForImageClassification(settings).save_pretrained(directory)
     transformers.ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def image_package(image_model):
+    """The image classifier's package, imported once for the tests that only call it."""
+    with imported(image_model.package) as package:
+        yield package
 
 
 @dataclass(frozen=True)
@@ -194,6 +207,50 @@ def test_an_image_classifier_takes_hwc_uint8_arrays_and_pil_images(image_dir, im
     assert {"my_images/model/preprocessor_config.json", "my_images/model/config.json"} <= names
 
 
+def test_images_of_different_sizes_are_classified_each_as_alone(image_package):
+    """A list of photos of their own sizes, as arrays, PIL images (grayscale too) or nested lists: the image
+    processor resizes each, so each gets the scores it gets alone."""
+    small, tall = images(1)[0], images(1, (20, 7))[0]
+    gray = Image.fromarray(tall).convert("L")
+    predict = image_package.predict
+    together = predict([small, tall, gray])
+    alone = [predict(image)["scores"] for image in (small, tall, np.asarray(gray.convert("RGB")))]
+    as_pil = predict((Image.fromarray(small), Image.fromarray(tall)))
+    as_lists = predict([small.tolist(), tall.tolist()])
+    one_as_lists = predict(small.tolist())
+    assert predict([])["scores"].shape == (0, 3)
+    np.testing.assert_allclose(together["scores"], np.stack(alone), atol=1e-6)
+    assert list(together["label"]) == [KINDS[i] for i in np.argmax(alone, -1)]
+    for result in (as_pil, as_lists):
+        np.testing.assert_allclose(result["scores"], together["scores"][:2], atol=1e-6)
+    np.testing.assert_allclose(one_as_lists["scores"], alone[0], atol=1e-6)
+
+
+def test_nnwheel_serve_takes_images_of_different_sizes_as_nested_lists(image_model, image_package):
+    """/predict takes one image, a batch, or a list of images of their own sizes, each as nested lists of 0-255
+    integers; KServe V2 one rectangular UINT8 batch. Served in this process, from the package imported here."""
+    small, tall = images(1)[0], images(1, (20, 7))[0]
+    model = ServedModel(image_package, describe_wheel(image_model.wheel).manifest)
+    expected = image_package.predict([small, tall])
+    with TestClient(create_app(model, ServeOptions(name="my-images", batching=False))) as client:
+        both = client.post("/predict", json={"data": [small.tolist(), tall.tolist()]})
+        one = client.post("/predict", json={"data": tall.tolist()})
+        rgba = client.post("/predict", json={"data": [small.tolist(), np.dstack([tall, tall[..., :1]]).tolist()]})
+        body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 10, 12, 3], "data": small.ravel().tolist()}]}
+        v2 = client.post("/v2/models/my-images/infer", json=body)
+        schema = request_schema(client.get("/openapi.json").json(), "/predict")["schema"]
+    for data in ([small.tolist(), tall.tolist()], tall.tolist()):
+        jsonschema.validate({"data": data}, schema)
+    assert both.status_code == 200, both.text
+    np.testing.assert_allclose(both.json()["predictions"]["scores"], expected["scores"], atol=1e-6)
+    assert both.json()["predictions"]["label"] == list(expected["label"])
+    np.testing.assert_allclose(one.json()["predictions"]["scores"], expected["scores"][1], atol=1e-6)
+    assert rgba.status_code == 400 and "input 'image'[1] has shape (20, 7, 4)" in rgba.json()["error"]
+    assert "drop its alpha channel" in rgba.json()["error"]
+    scores = next(output for output in v2.json()["outputs"] if output["name"] == "scores")
+    np.testing.assert_allclose(scores["data"], expected["scores"][0], atol=1e-6)
+
+
 def test_task_feature_extraction_embeds_with_a_classifier_s_encoder(tagger_dir, tmp_path, capsys):
     wrap_to_project(capsys, tagger_dir, tmp_path, "tagger-embedder", "--task", "feature-extraction")
     expected = SentenceTransformer(str(tagger_dir), device="cpu").encode(SENTENCES)
@@ -297,9 +354,21 @@ def test_an_image_classifier_without_its_processor(image_dir, tmp_path, capsys):
     assert "has no preprocessor_config.json" in wrap_fails(capsys, directory, tmp_path)
 
 
-def test_an_image_input_that_is_not_uint8_hwc(image_model):
-    with imported(image_model.package) as package:
-        with pytest.raises(ValueError, match="input 'image' has dtype float32, expected uint8"):
-            package.predict(images(1).astype(np.float32))
-        with pytest.raises(ValueError, match=r"input 'image' has shape \(10, 12\), expected"):
-            package.predict(images(1)[0, :, :, 0])
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        (images(1).astype(np.float32), r"input 'image' has dtype float32, expected uint8: pass RGB values 0-255, e\.g\. "),
+        (images(1)[0, :, :, 0], r"input 'image' has shape \(10, 12\), expected \(height, width, 3\) for one image, "
+                                r"\(n, height, width, 3\) for a batch, or a list of images of any sizes; a grayscale"),
+        ([images(1)[0], np.zeros((5, 5, 4), np.uint8)], r"input 'image'\[1\] has shape \(5, 5, 4\), expected "
+                                                        r"\(height, width, 3\); an RGBA image: drop its alpha channel"),
+        ([images(1)[0].transpose(2, 0, 1)], r"input 'image'\[0\] has shape \(3, 10, 12\).*with the channels last"),
+        ([[[[0, 0, 300]]]], r"input 'image'\[0\] has values from 0 to 300; pass RGB values 0-255"),
+        ([[[0.5, 0.5, 0.5]]], r"input 'image' has dtype float64, expected uint8"),
+        ([[[0, 0, 0]], [[0, 0]]], r"input 'image' cannot become an image .*nested lists must be rectangular"),
+    ],
+    ids=["float", "grayscale", "rgba", "channels-first", "past-255", "float-lists", "ragged-rows"],
+)
+def test_an_image_input_that_is_not_uint8_rgb_is_refused_saying_what_to_pass(image_package, given, said):
+    with pytest.raises(ValueError, match=said):
+        image_package.predict(given)

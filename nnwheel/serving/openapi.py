@@ -144,7 +144,7 @@ def _tensor(spec: TensorSpec, value: dict[str, Any], batched: bool, least: int) 
     """A tensor as nested lists; for a batched model also one sample without the batch dimension. Nested lists
     say no size of an empty dimension, so a request needs at least one row (V2's "shape" can say 0)."""
     whole = _nested(spec.shape, value, least)
-    if batched or spec.kind in ("text", "label"):  # one text is a string, one label too
+    if batched or spec.kind in ("text", "label", "image"):  # one text is a string, one label too; one image HWC
         return {"anyOf": [whole, _nested(spec.shape[1:], value, least)]}
     return whole
 

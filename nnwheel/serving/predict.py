@@ -16,7 +16,7 @@ from .bodies import (
     parse_json,
 )
 from .model import ServedModel
-from .raw import RAW_KINDS, raw_from_json, refuse_text
+from .raw import RAW_KINDS, images_from_json, raw_from_json, refuse_text
 from .running import Runner
 
 _EXAMPLE = 'send e.g. {"data": [[0.5, 1.0]]}'
@@ -47,6 +47,8 @@ def _inputs(model: ServedModel, body: Any) -> list[Any]:
 def _input(value: Any, spec: TensorSpec, place: str) -> Any:
     if spec.kind in RAW_KINDS:
         return raw_from_json(value, spec, place)
+    if spec.kind == "image":
+        return images_from_json(value, spec, place)
     try:
         return array_from_json(value, spec, place)
     except RequestFailed:

@@ -7,7 +7,8 @@ strings in a JSON body's "data", or in binary data and gRPC's raw contents each 
 (4 bytes, little-endian), as tritonclient serializes them; gRPC's typed contents are bytes_contents. A JSON
 value sent to V2 is its tensor as nested lists. What a postprocess returns is answered as JSON in /predict
 and as one BYTES element holding that JSON in V2. Text sent to a model of numbers, and numbers sent to a
-model of text, are refused with what the model takes.
+model of text, are refused with what the model takes. Images come as nested lists of integers: a list of
+images of different sizes, one array each (images_from_json), as predict() takes them.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def raw_from_json(value: Any, spec: TensorSpec, where: str) -> Any:
         400, f"input {spec.name!r} takes text: send a string or a list of strings at {where} (e.g. "
         f'{{"data": ["a text"]}}), not {_described(value)}'
     )
+
+
+def images_from_json(value: Any, spec: TensorSpec, where: str) -> Any:
+    """An image input from a request's JSON: one image or a batch as nested lists of 0-255 integers, or a list of
+    images of different sizes (the model's image processor resizes them), each made an array of its own."""
+    try:
+        return array_from_json(value, spec, where)
+    except RequestFailed:
+        if not (type(value) is list and value and all(type(image) is list for image in value)):
+            raise
+    return [array_from_json(image, spec, f"{where}[{i}]") for i, image in enumerate(value)]
 
 
 def raw_shape(spec: TensorSpec, datatype: Any, shape: Any) -> list[int]:

@@ -2,6 +2,7 @@
 
 A model is batched when every input's first dimension is free (-1). For such a model one sample without the
 batch dimension is accepted too: it is run as a batch of one and the outputs come back without that dimension.
+Text and images are checked as what they are, not as tensors: strings, and images of any sizes (_images).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def prepare(inputs: Sequence[Any], specs: list[dict[str, Any]], batched: bool) -
     for value, spec in zip(inputs, specs):
         if spec.get("kind") == "text":
             value, single = _texts(value, spec)
+        elif spec.get("kind") == "image":  # images of any sizes: the model's image processor resizes them
+            value, single = _images(value, spec)
         else:
             if _is_tensor(value):
                 as_tensors = True
@@ -135,6 +138,68 @@ def _texts(value: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
     if not isinstance(texts, (list, tuple)) or not all(isinstance(text, str) for text in texts):
         raise ValueError(f"input {spec['name']!r} takes a string or a list of strings, got {_described(value)}")
     return np.asarray(texts, dtype=str).reshape(-1), False
+
+
+def _images(value: Any, spec: dict[str, Any]) -> tuple[Any, bool]:
+    """An image input: one image (a single sample, True), or a batch (False): a list of images, each of its own
+    size, or one (n, height, width, 3) array. An image is a uint8 RGB array (height, width, 3), nested lists of
+    0-255 integers, or a PIL image, converted to RGB as transformers' image-classification pipeline converts it."""
+    name = repr(spec["name"])
+    if isinstance(value, (list, tuple)) and (not value or not isinstance(value[0], (list, tuple)) or _depth(value) == 4):
+        return [_image(item, spec, f"{name}[{i}]", (3,)) for i, item in enumerate(value)], False
+    image = _image(value, spec, name, (3, 4))
+    return image, image.ndim == 3
+
+
+def _depth(value: Any) -> int:
+    """How deep nested lists go: 4 for a list of images as nested lists, 3 for one image."""
+    depth = 0
+    while isinstance(value, (list, tuple)) and value:
+        value, depth = value[0], depth + 1
+    return depth
+
+
+def _image(value: Any, spec: dict[str, Any], name: str, ranks: tuple[int, ...]) -> Any:
+    """One image (rank 3), or where `ranks` has 4, a batch of them, as the uint8 RGB array the processor takes.
+    Floats are refused, not scaled: the processor would take [0, 1] floats for 0-255 values and divide them."""
+    np = _np()
+    if type(value).__module__.startswith("PIL."):
+        value = np.asarray(value.convert("RGB"))
+    elif type(value) is not np.ndarray:
+        value = _pixels(value, name)
+    channels = spec["shape"][-1]
+    if value.ndim not in ranks or value.shape[-1] != channels:
+        wanted = f"(height, width, {channels})" + (f" for one image, (n, height, width, {channels}) for a batch, or a "
+                                                   "list of images of any sizes" if 4 in ranks else "")
+        raise ValueError(f"input {name} has shape {tuple(value.shape)}, expected {wanted}{_channels_hint(value)}")
+    if value.dtype != np.uint8:
+        raise ValueError(
+            f"input {name} has dtype {value.dtype}, expected uint8: pass RGB values 0-255, e.g. x.astype('uint8') for "
+            "integers or (x * 255).round().astype('uint8') for floats in [0, 1], or PIL images"
+        )
+    return value
+
+
+def _pixels(value: Any, name: str) -> Any:
+    """Nested lists (or a torch tensor) as an array; integers 0-255 as uint8, anything else as it is, for _image to refuse."""
+    np = _np()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"input {name} cannot become an image ({error}); an image's nested lists must be rectangular") from None
+    if array.dtype.kind in "iu" and array.size:
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(f"input {name} has values from {array.min()} to {array.max()}; pass RGB values 0-255")
+        return array.astype(np.uint8)
+    return array
+
+
+def _channels_hint(value: Any) -> str:
+    if value.ndim == 2 or value.shape[-1:] == (1,):
+        return "; a grayscale image: repeat it over 3 channels (numpy.stack([x] * 3, axis=-1) for a 2-D x), or pass it as a PIL image"
+    if value.shape[-1:] == (4,):
+        return "; an RGBA image: drop its alpha channel (x[..., :3]), or pass it as a PIL image"
+    return "; pass RGB images with the channels last"
 
 
 def _described(value: Any) -> str:
