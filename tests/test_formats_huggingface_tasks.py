@@ -77,6 +77,7 @@ def image_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("hf") / "vit"
     transformers.ViTForImageClassification(settings).save_pretrained(directory)
     transformers.ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(directory)
+    (directory / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Cats, dogs and birds\n\nA tiny ViT.\n")
     return directory
 
 
@@ -251,11 +252,25 @@ def test_nnwheel_serve_takes_images_of_different_sizes_as_nested_lists(image_mod
     np.testing.assert_allclose(scores["data"], expected["scores"][0], atol=1e-6)
 
 
+def test_the_model_card_says_how_the_task_is_called(tagger, image_model, own):
+    """The directory's own card first, then predict() as the task calls it, not the tensor wording."""
+    card = {wrapped.package.name: (wrapped.package.parent / "README.md").read_text() for wrapped in (tagger, image_model, own)}
+    assert card["my_images"].startswith("# Cats, dogs and birds\n\nA tiny ViT.\n\n## Packaged by nnwheel\n")
+    assert "predict(images)                 # {\"label\": array([\"...\", \"...\"]), \"scores\": float32 array (2, 3)}" in card["my_images"]
+    assert "a list of images of any sizes" in card["my_images"] and "`cat`, `dog`, `bird`" in card["my_images"]
+    assert "its entities, as transformers'" in card["my_tagger"] and "`start`, `end` its span" in card["my_tagger"]
+    assert "`negative`, `neutral`, `positive`" in card["my_own"] and 'predict("a text")' in card["my_own"]
+    for text in card.values():
+        assert "Inputs and outputs\n\n`predict()` takes " in text and "Inputs may be numpy arrays, nested" not in text
+
+
 def test_task_feature_extraction_embeds_with_a_classifier_s_encoder(tagger_dir, tmp_path, capsys):
     wrap_to_project(capsys, tagger_dir, tmp_path, "tagger-embedder", "--task", "feature-extraction")
     expected = SentenceTransformer(str(tagger_dir), device="cpu").encode(SENTENCES)
     with imported(tmp_path / "project" / "tagger_embedder") as package:
         np.testing.assert_allclose(package.predict(SENTENCES), expected, atol=1e-5)
+    card = (tmp_path / "project" / "README.md").read_text()
+    assert "gives their embeddings, float32 `[n, 32]`" in card and "# float32 array (2, 32): one embedding per text" in card
 
 
 @pytest.mark.e2e

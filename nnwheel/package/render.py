@@ -86,7 +86,7 @@ def model_card(manifest: Manifest, metadata: ProjectMetadata) -> str:
         name=manifest.name,
         import_name=manifest.import_name,
         summary=metadata.summary,
-        schema_table=_schema_table(manifest),
+        use=_use(manifest),
         format=manifest.format,
         runtime=manifest.runtime,
         weights_summary=", ".join(
@@ -103,6 +103,35 @@ def model_card(manifest: Manifest, metadata: ProjectMetadata) -> str:
     # The user's card first; the generated usage and schema follow as an appendix.
     appendix = generated.split("\n", 1)[1].replace("\n## ", "\n### ")
     return f"{metadata.model_card.rstrip()}\n\n## Packaged by nnwheel\n{appendix}"
+
+
+def _use(manifest: Manifest) -> str:
+    """The card's usage and its inputs and outputs: how this model's predict() is called (template/card/)."""
+    card = TEMPLATE_DIR / "card" / f"{_called_as(manifest)}.md"
+    last = manifest.outputs[-1]
+    return Template(card.read_text(encoding="utf-8")).substitute(
+        name=manifest.name,
+        import_name=manifest.import_name,
+        schema_table=_schema_table(manifest),
+        labels=_listed(manifest.outputs[0].labels),
+        size=last.shape[-1] if last.shape else "",
+    ).rstrip("\n")
+
+
+def _called_as(manifest: Manifest) -> str:
+    """How predict() is called: with tensors, or, for a Hugging Face model, as its task takes text or images
+    (which the schema tells, as the package's runtime reads it: images in; entities, a label or an embedding out)."""
+    if manifest.runtime != "transformers":
+        return "tensor"
+    if manifest.inputs[0].kind == "image":
+        return "image-classification"
+    return {"label": "text-classification", "json": "token-classification"}.get(manifest.outputs[0].kind, "feature-extraction")
+
+
+def _listed(labels: tuple[str, ...], shown: int = 20) -> str:
+    """Labels in the card's prose; the first `shown` of a long list (ImageNet's thousand) and how many there are."""
+    names = ", ".join(f"`{label}`" for label in labels[:shown])
+    return names if len(labels) <= shown else f"{names}, ... ({len(labels)} in all)"
 
 
 def _schema_table(manifest: Manifest) -> str:
