@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -118,10 +119,25 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int  # non-2xx answers and socket errors
+    client_cpu_s: float  # CPU seconds the load generator itself spent
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds this machine's CPUs have been busy since boot, all processes together (/proc/stat: all but
+    idle and iowait)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def wrk_load(wrk: str, script: Path, url: str, clients: int, seconds: int) -> Load:
     """wrk on `url` with `clients` keep-alive connections, each request as the Lua `script` makes it."""
+    children_before = _cpu_seconds(resource.RUSAGE_CHILDREN)
     output = subprocess.run(
         [wrk, "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", script, url],
         check=True, capture_output=True, text=True,
@@ -130,7 +146,8 @@ def wrk_load(wrk: str, script: Path, url: str, clients: int, seconds: int) -> Lo
         sys.exit(f"wrk got no answer from {url}:\n{output}")
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])
     errors = sum(map(int, re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout):? (\d+)", output)))
-    return Load(rate, _milliseconds(output, "50%"), _milliseconds(output, "99%"), errors)
+    client_cpu = _cpu_seconds(resource.RUSAGE_CHILDREN) - children_before
+    return Load(rate, _milliseconds(output, "50%"), _milliseconds(output, "99%"), errors, client_cpu)
 
 
 def _milliseconds(output: str, percentile: str) -> float:
@@ -161,9 +178,10 @@ def grpc_load(port: int, request: bytes, clients: int, seconds: float) -> Load:
             await asyncio.gather(*(client() for _ in range(clients)))
         return latencies, errors
 
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _cpu_seconds(resource.RUSAGE_SELF)
     latencies, errors = asyncio.run(run())
     elapsed = time.perf_counter() - started
     latencies.sort()
     percentile = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return Load(len(latencies) / elapsed, percentile(0.5), percentile(0.99), errors)
+    client_cpu = _cpu_seconds(resource.RUSAGE_SELF) - cpu_before
+    return Load(len(latencies) / elapsed, percentile(0.5), percentile(0.99), errors, client_cpu)
