@@ -17,7 +17,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT, make_venv, nnwheel, serving, the_error
+from conftest import ROOT, float32_values, make_venv, nnwheel, serving, the_error
 
 from nnwheel import __version__
 
@@ -158,7 +158,7 @@ def test_dockerfile_install_command_gives_a_working_server(devpi, digits_wheel, 
     with serving([env.bin("nnwheel"), "serve", "digits-mlp"], tmp_path, cwd=tmp_path) as server:
         reply = httpx.post(f"{server.url}/predict", json={"data": digits_sample})
     expected = env.run(f"import digits_mlp; print(digits_mlp.predict({digits_sample!r}).tolist())", cwd=tmp_path).stdout
-    assert reply.json()["predictions"] == json.loads(expected)
+    assert float32_values(reply.json()["predictions"]) == json.loads(expected)
 
 
 @pytest.mark.e2e
