@@ -233,6 +233,10 @@ BAD_REQUESTS = [
     ("V2 NaN in nested data", "POST", V2_URL, v2_body([ROW, with_value(ROW, 2, NAN)], [2, 64]), 400,
      "has NaN at inputs[0].data[1][2]"),
     ("V2 Infinity", "POST", V2_URL, v2_body(with_value(ROW, 7, -INF), [1, 64]), 400, "has -Infinity at inputs[0].data[7]"),
+    ("V2 true in flat data", "POST", V2_URL, v2_body(with_value(ROW, 3, True), [1, 64]), 400, "has true at inputs[0].data[3]"),
+    ("V2 string in flat data", "POST", V2_URL, v2_body(with_value(ROW, 4, "0.5"), [1, 64]), 400, "has a string at inputs[0].data[4]"),
+    ("V2 beyond float32 in flat data", "POST", V2_URL, v2_body(with_value(ROW, 5, 1e39), [1, 64]), 400,
+     "has 1e+39 at inputs[0].data[5], which a float32 cannot hold"),
     ("V2 id not a string", "POST", V2_URL, {**v2_body(ROW, [1, 64]), "id": NAN}, 400, '"id" is a string'),
 ]  # fmt: skip
 
