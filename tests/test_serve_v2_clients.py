@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.e2e
 # Two inputs of two dtypes and two named outputs of two dtypes, elementwise: exact in every batch size,
 # so the server merges concurrent requests. Each call takes a few milliseconds, as a real model's does: gRPC
 # requests are merged when they wait behind a model call (the batcher never waits for requests it cannot see
-# arriving).
+# arriving). An input holding SLOW takes two seconds: a call that is surely in flight.
 TWO_WAY_ARCH = '''
 import time
 
@@ -42,10 +44,11 @@ class TwoWay(nn.Module):
         self.scale = nn.Parameter(torch.linspace(0.5, 4.0, 8))
 
     def forward(self, x, mask):
-        time.sleep(0.003)
+        time.sleep(2.0 if bool((x == 1234.5).any()) else 0.003)
         return {"scaled": x * self.scale + 0.1, "count": mask.sum(-1)}
 '''
 MODEL = "two-way"
+SLOW = 1234.5
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +297,27 @@ def test_tritonclient_grpc_health_metadata_and_infer_equal_to_predict(env, grpc_
     only_count = grpc_client.infer(MODEL, grpc_inputs(x, mask), outputs=[triton_grpc.InferRequestedOutput("count")])
     assert [output.name for output in only_count.get_response().outputs] == ["count"]
     np.testing.assert_array_equal(only_count.as_numpy("count"), expected["count"], strict=True)
+
+
+def test_sigterm_lets_the_grpc_call_in_flight_finish_then_exits_cleanly(env, tmp_path):
+    x, mask = rows(2)
+    x[1, 3] = SLOW
+    expected = predict_in_process(env, tmp_path, x, mask)
+    port = free_port()
+    with serving([env.python, "-m", "nnwheel", "serve", MODEL, "--grpc-port", str(port)], tmp_path) as server:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        answered = []
+        client.async_infer(MODEL, grpc_inputs(x, mask), callback=lambda result, error: answered.append((result, error)))
+        time.sleep(0.5)  # the call is in the model's two seconds now
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        client.close()
+    [(result, error)] = answered
+    assert error is None, error
+    for name, array in expected.items():
+        np.testing.assert_array_equal(result.as_numpy(name), array, strict=True)
+    log = server.log.read_text()
+    assert "Finished server process" in log and "Traceback" not in log
 
 
 def typed_request(x: np.ndarray, mask: np.ndarray) -> service_pb2.ModelInferRequest:
