@@ -31,6 +31,7 @@ pytestmark = pytest.mark.e2e
 # so the server merges concurrent requests. Each call takes a few milliseconds, as a real model's does: gRPC
 # requests are merged when they wait behind a model call (the batcher never waits for requests it cannot see
 # arriving). An input holding SLOW takes two seconds: a call that is surely in flight.
+SLOW = 1234.5
 TWO_WAY_ARCH = '''
 import time
 
@@ -44,11 +45,10 @@ class TwoWay(nn.Module):
         self.scale = nn.Parameter(torch.linspace(0.5, 4.0, 8))
 
     def forward(self, x, mask):
-        time.sleep(2.0 if bool((x == 1234.5).any()) else 0.003)
+        time.sleep(2.0 if bool((x == SLOW).any()) else 0.003)
         return {"scaled": x * self.scale + 0.1, "count": mask.sum(-1)}
-'''
+'''.replace("SLOW", repr(SLOW))
 MODEL = "two-way"
-SLOW = 1234.5
 
 
 @pytest.fixture(scope="module")
