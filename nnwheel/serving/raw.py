@@ -22,6 +22,7 @@ import numpy as np
 from ..schema import TensorSpec
 from .bodies import RequestFailed, array_from_json, json_bytes
 from .inference import V2_DATATYPES, array_from_buffer
+from .v2_json import row_major
 
 # The kinds of input whose values are not arrays of numbers: predict() takes them as Python values.
 RAW_KINDS = ("text", "json")
@@ -92,12 +93,8 @@ def raw_from_v2_tensor(tensor: dict[str, Any], spec: TensorSpec, binary: memoryv
     data = tensor.get("data")
     if not isinstance(data, list):
         raise RequestFailed(400, f'input {spec.name!r} needs "data": a list of its values, e.g. ["a text"]')
-    elements = _flattened(data) if datatype == "BYTES" else array_from_json(data, numbers, f"{where}.data").ravel().tolist()
+    elements = row_major(data) if datatype == "BYTES" else array_from_json(data, numbers, f"{where}.data").ravel().tolist()
     return raw_from_v2(spec, datatype, shape, elements, where)
-
-
-def _flattened(data: list[Any]) -> list[Any]:
-    return [item for value in data for item in (_flattened(value) if isinstance(value, list) else [value])]
 
 
 def raw_from_v2(spec: TensorSpec, datatype: Any, shape: list[int], elements: list[Any], where: str) -> Any:

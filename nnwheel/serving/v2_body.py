@@ -33,6 +33,7 @@ from .inference import (
 )
 from .model import ServedModel
 from .raw import RAW_KINDS, joined_bytes, raw_from_v2_tensor, v2_output
+from .v2_json import Numbers, read_request_json, row_major
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _EXAMPLE = (
@@ -53,7 +54,10 @@ def decode_inference(model: ServedModel, body: bytearray, json_length: int | Non
     json_length = len(body) if json_length is None else json_length
     if json_length > len(body):
         raise RequestFailed(400, f"the {HEADER_LENGTH} header is {json_length}, but the body has only {len(body)} bytes")
-    header = parse_json(body if json_length == len(body) else body[:json_length], _EXAMPLE)
+    json_part = body if json_length == len(body) else body[:json_length]
+    read, header = read_request_json(json_part)
+    if not read:
+        header = parse_json(json_part, _EXAMPLE)
     tensors = header.get("inputs") if isinstance(header, dict) else None
     if not isinstance(tensors, list) or not all(isinstance(tensor, dict) for tensor in tensors):
         raise RequestFailed(400, 'send {"inputs": [{"name": ..., "shape": [...], "datatype": ..., "data": [...]}]}')
@@ -85,7 +89,8 @@ def _arrays(model: ServedModel, tensors: list[dict[str, Any]], binary: memoryvie
                 )
             data, offset = binary[offset : offset + size], offset + size
         if raw:
-            arrays.append(raw_from_v2_tensor(tensor, spec, data, f"inputs[{i}]"))
+            listed = {**tensor, "data": tensor["data"].as_list()} if isinstance(tensor.get("data"), Numbers) else tensor
+            arrays.append(raw_from_v2_tensor(listed, spec, data, f"inputs[{i}]"))
         elif data is None:
             arrays.append(_json_array(tensor, spec, shape, f"inputs[{i}].data"))
         else:
@@ -107,16 +112,36 @@ def _binary_size(tensor: dict[str, Any], spec: TensorSpec) -> int | None:
 
 
 def _json_array(tensor: dict[str, Any], spec: TensorSpec, shape: list[int], where: str) -> np.ndarray:
+    """The tensor's "data" in row-major order, nested lists read through (as Triton's server reads them), as
+    an array of `shape`. Numbers simdjson has read are used as they are where spec's dtype is a float."""
     data = tensor.get("data")
+    array = _float_array(data, spec.dtype) if isinstance(data, Numbers) else None
+    if array is None:
+        array = array_from_json(_listed(data, spec), spec, where)
+    if array.size != math.prod(shape):
+        raise RequestFailed(400, f"input {spec.name!r} has {array.size} values, but shape {shape} needs {math.prod(shape)}")
+    return array.reshape(shape)
+
+
+def _listed(data: Any, spec: TensorSpec) -> list[Any]:
+    """data as a flat list, in row-major order."""
+    data = data.as_list() if isinstance(data, Numbers) else data
     if not isinstance(data, list):
         raise RequestFailed(
             400, f'input {spec.name!r} needs "data": a list of its values, flat or nested; or binary data with '
             "parameters.binary_data_size"
         )
-    array = array_from_json(data, spec, where)
-    if array.size != math.prod(shape):
-        raise RequestFailed(400, f"input {spec.name!r} has {array.size} values, but shape {shape} needs {math.prod(shape)}")
-    return array.reshape(shape)
+    return row_major(data)
+
+
+def _float_array(data: Numbers, dtype: str) -> np.ndarray | None:
+    """data's values as a float32 or float64 array; None for other dtypes, and where a value is beyond the
+    dtype's range (array_from_json then says which)."""
+    if dtype not in ("float32", "float64"):
+        return None
+    with np.errstate(over="ignore"):
+        array = data.values.astype(dtype)
+    return array if np.isfinite(array).all() else None
 
 
 def _outputs(model: ServedModel, header: dict[str, Any]) -> dict[str, bool]:
