@@ -4,6 +4,7 @@ The binary tensor data extension: the Inference-Header-Content-Length header giv
 each input with parameters.binary_data_size has that many bytes of the rest, in the order of "inputs".
 An output is answered as binary data when its parameters.binary_data is true, or when the request's
 parameters.binary_data_output is and the output does not say otherwise; the reply then has the header too.
+The JSON is read by simdjson where it can be (v2_json.py), else by parse_json.
 """
 
 from __future__ import annotations
