@@ -3,7 +3,7 @@ float64 array in C, without a Python float per value.
 
 For a tensor of 8192 float32 values, orjson's loads and the array made from its list take 0.15 + 0.08 ms;
 simdjson parses the same body in 0.12 ms and copies the numbers in 0.01 ms. At 64 clients the event loop
-shares the machine's two cores with the model, so each 0.1 ms of a request is about 7% of the rows served
+shares the machine's two cores with the model, so each 0.1 ms of a request is about 5% of the rows served
 per second (scripts/serve_bench).
 
 Everything else in the body becomes the Python values orjson gives. What simdjson refuses (NaN and Infinity
