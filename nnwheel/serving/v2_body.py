@@ -34,7 +34,7 @@ from .inference import (
 )
 from .model import ServedModel
 from .raw import RAW_KINDS, joined_bytes, raw_from_v2_tensor, v2_output
-from .v2_json import Numbers, read_request_json, row_major
+from .v2_json import Numbers, listed, read_request_json, row_major
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _EXAMPLE = (
@@ -90,8 +90,8 @@ def _arrays(model: ServedModel, tensors: list[dict[str, Any]], binary: memoryvie
                 )
             data, offset = binary[offset : offset + size], offset + size
         if raw:
-            listed = {**tensor, "data": tensor["data"].as_list()} if isinstance(tensor.get("data"), Numbers) else tensor
-            arrays.append(raw_from_v2_tensor(listed, spec, data, f"inputs[{i}]"))
+            plain = {**tensor, "data": listed(tensor["data"])} if "data" in tensor else tensor
+            arrays.append(raw_from_v2_tensor(plain, spec, data, f"inputs[{i}]"))
         elif data is None:
             arrays.append(_json_array(tensor, spec, shape, f"inputs[{i}].data"))
         else:
@@ -118,15 +118,14 @@ def _json_array(tensor: dict[str, Any], spec: TensorSpec, shape: list[int], wher
     data = tensor.get("data")
     array = _float_array(data, spec.dtype) if isinstance(data, Numbers) else None
     if array is None:
-        array = array_from_json(_listed(data, spec), spec, where)
+        array = array_from_json(_flat_list(listed(data), spec), spec, where)
     if array.size != math.prod(shape):
         raise RequestFailed(400, f"input {spec.name!r} has {array.size} values, but shape {shape} needs {math.prod(shape)}")
     return array.reshape(shape)
 
 
-def _listed(data: Any, spec: TensorSpec) -> list[Any]:
-    """data as a flat list, in row-major order."""
-    data = data.as_list() if isinstance(data, Numbers) else data
+def _flat_list(data: Any, spec: TensorSpec) -> list[Any]:
+    """data, a list of values, flat in row-major order."""
     if not isinstance(data, list):
         raise RequestFailed(
             400, f'input {spec.name!r} needs "data": a list of its values, flat or nested; or binary data with '

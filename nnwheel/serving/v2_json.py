@@ -33,6 +33,11 @@ class Numbers:
         return self.array.as_list()
 
 
+def listed(value: Any) -> Any:
+    """value, with Numbers as the list orjson would have read."""
+    return value.as_list() if isinstance(value, Numbers) else value
+
+
 class _LeftToParseJson(Exception):
     pass
 
